@@ -1,0 +1,1 @@
+"""Pure tensor math of OPD: horizon schedules and advantages. No distributed state lives here."""

@@ -1,0 +1,160 @@
+"""Build an ``OPDConfig`` from YAML files and command-line overrides, both generated from the tree.
+
+Why it exists: no flag is written by hand. Every field of every section becomes ``--section.field`` (and, when
+the field name is unique across the tree, the Megatron-style alias ``--field-name``, e.g.
+``--tensor-model-parallel-size``); help text is the field's docstring. Unknown keys and bad values fail at
+start-up naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from megatron_opd.config.base import ConfigError, coerce, field_docs, resolved_hints, type_name
+from megatron_opd.config.tree import OPDConfig
+
+
+def _sections(cls: type = OPDConfig) -> dict[str, type]:
+    hints = resolved_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unique_aliases() -> dict[str, tuple[str, str]]:
+    """Field names that occur in one section only -> (section, field)."""
+    seen: dict[str, list[tuple[str, str]]] = {}
+    for section, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            seen.setdefault(f.name, []).append((section, f.name))
+    return {name: places[0] for name, places in seen.items() if len(places) == 1}
+
+
+def _unknown(key: str, allowed: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], allowed, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Allowed: {', '.join(sorted(allowed))}")
+
+
+def _build_section(section: str, cls: type, raw: dict[str, Any]) -> Any:
+    hints = resolved_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
+        kwargs[key] = coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> OPDConfig:
+    """Nested ``{section: {field: value}}`` -> validated ``OPDConfig``."""
+    raw = raw or {}
+    sections = _sections()
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise _unknown(section, list(sections))
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of field: value, got {values!r}")
+    for section, cls in sections.items():
+        built[section] = _build_section(section, cls, raw.get(section) or {})
+    return OPDConfig(**built)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config; a file may ``include:`` another (relative path) that it overrides."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("include", None)
+    if base is not None:
+        parent = load_yaml(os.path.join(os.path.dirname(path), base))
+        data = merge(parent, data)
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Section-wise merge: keys of ``override`` win."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line, generated from the tree: ``--config FILE`` plus one flag per field."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="megatron-opd: on-policy distillation with rollout-horizon control.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", action="append", default=[], help="YAML config file(s), later ones win")
+    aliases = _unique_aliases()
+    for section, cls in _sections().items():
+        group = parser.add_argument_group(section, field_docs(OPDConfig).get(section))
+        hints = resolved_hints(cls)
+        docs = field_docs(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            flags = [f"--{section}.{f.name}"]
+            if aliases.get(f.name) == (section, f.name):
+                flags.append("--" + f.name.replace("_", "-"))
+            group.add_argument(
+                *flags,
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar=_metavar(hints[f.name]),
+                help=f"{docs.get(f.name, '')} (default: {getattr(default, f.name)!r})",
+            )
+    return parser
+
+
+def _metavar(tp: Any) -> str:
+    name = type_name(tp)
+    if "'" in name:  # a Literal: show the choices
+        return "{" + name.replace("'", "").replace(" | ", ",") + "}"
+    return name.replace(" ", "").upper()
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str | None = None) -> OPDConfig:
+    """YAML file(s) then command-line overrides -> validated ``OPDConfig``."""
+    parser = build_parser(prog)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [a for a in unknown if a.startswith("--")]
+        bad = flags[0] if flags else unknown[0]
+        allowed = [a for action in parser._actions for a in action.option_strings if a.startswith("--")]
+        close = difflib.get_close_matches(bad.split("=")[0], allowed, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown command-line argument '{bad}'.{hint} Run with --help for the full list.")
+    raw: dict[str, Any] = {}
+    for path in args.config:
+        raw = merge(raw, load_yaml(path))
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if dest == "config":
+            continue
+        section, name = dest.split(".", 1)
+        overrides.setdefault(section, {})[name] = value
+    return config_from_dict(merge(raw, overrides))
+
+
+def dump_yaml(cfg: OPDConfig) -> str:
+    """The full resolved config as YAML (saved next to checkpoints and logs, reloadable by ``--config``)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""The OPD loss: ``reference.py`` is the specification; fused paths are checked against it."""

@@ -1,0 +1,45 @@
+"""Install megatron-opd.
+
+CPU machines: ``pip install -r requirements/cpu.txt -e '.[dev]'`` (the pinned torch is the CPU build).
+GPU clusters: ``pip install -r requirements/gpu.txt -e '.[gpu]'``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-opd",
+    version="0.1.0",
+    description="On-policy distillation with rollout-horizon control (OPD, POPD, TOPD) on Megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_opd", "megatron_opd.*"]),
+    package_data={"megatron_opd": ["eval/benchmarks/*.jsonl", "eval/benchmarks/*.md"]},
+    install_requires=[
+        # torch is deliberately unpinned here: pin it in requirements/{cpu,gpu}.txt for the target machine.
+        "torch>=2.5",
+        "megatron-core>=0.16.1",
+        "psutil",  # megatron-core's checkpoint saving needs it but does not declare it
+        "tqdm",  # likewise, for its inference engine; also our progress bars
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "transformers>=4.45",
+        "tokenizers",
+        "sentencepiece",
+        "tensorboard",
+        "pyarrow",
+        "math-verify",
+        "requests",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff", "matplotlib", "triton==3.7.1"],
+        "gpu": ["triton", "transformer-engine[pytorch]"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "opd-train=megatron_opd.training.main:main",
+        ]
+    },
+)
