@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint format bench gpu-check clean
+.PHONY: setup sglang-env test test-fast lint format bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,22 @@ $(STAMP): setup.py requirements/cpu.txt
 	touch $(STAMP)
 
 # The whole suite; exit code 5 (no tests collected) is a failure, not a pass.
+# SGLang server environment, separate from the trainer's .venv (facts: /work/shared/notes/sglang-on-cpu.md).
+# torch 2.14.1 + torchvision 0.29.1 come from the machine's local wheel index; sglang itself without its CUDA deps;
+# the placeholder sgl_kernel lies in requirements/sglang_stubs (the launcher puts it on PYTHONPATH).
+SGL_VENV := .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+sglang-env: $(SGL_STAMP)
+
+$(SGL_STAMP): requirements/sglang.txt requirements/sglang-constraints.txt
+	$(PY) -m venv $(SGL_VENV)
+	$(SGL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGL_VENV)/bin/python -m pip install -q -c requirements/sglang-constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(SGL_VENV)/bin/python -m pip install -q --no-deps sglang==0.5.23
+	$(SGL_VENV)/bin/python -m pip install -q -c requirements/sglang-constraints.txt -r requirements/sglang.txt
+	PYTHONPATH=requirements/sglang_stubs SGLANG_USE_CPU_ENGINE=1 $(SGL_VENV)/bin/python -c "import sglang.srt.entrypoints.http_server"
+	touch $(SGL_STAMP)
+
 test: setup
 	$(VPY) -m pytest tests -q -rs --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
@@ -35,4 +51,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) build *.egg-info .pytest_cache .ruff_cache
