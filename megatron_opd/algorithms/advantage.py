@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def log_ratio(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def log_ratio(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """r_t of Eq. (1), zero outside ``mask``.
 
     Args:

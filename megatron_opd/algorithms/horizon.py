@@ -73,6 +73,7 @@ class HorizonSchedule(ABC):
 
         Only the adaptive schedule uses it; the others are fixed in advance.
         """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -185,7 +186,11 @@ class AdaptiveHorizon(HorizonSchedule):
         super().__init__(max_response_length)
         self.h0 = min(h0, max_response_length)
         self.threshold, self.tail, self.patience, self.growth = threshold, window, patience, growth
-        self.min_steps_between, self.max_steps_between, self.ema_weight = min_steps_between, max_steps_between, ema
+        self.min_steps_between, self.max_steps_between, self.ema_weight = (
+            min_steps_between,
+            max_steps_between,
+            ema,
+        )
         self._horizon = self.h0
         self._ema: float | None = None
         self._below = 0
@@ -206,7 +211,9 @@ class AdaptiveHorizon(HorizonSchedule):
         cnt = position_count.detach().double().flatten()[lo:h].sum().item()
         if cnt > 0:
             value = sig / cnt
-            self._ema = value if self._ema is None else self.ema_weight * value + (1 - self.ema_weight) * self._ema
+            self._ema = (
+                value if self._ema is None else self.ema_weight * value + (1 - self.ema_weight) * self._ema
+            )
             self._below = self._below + 1 if self._ema < self.threshold else 0
         since = step - self._last_growth_step
         learned = self._below >= self.patience and since >= self.min_steps_between

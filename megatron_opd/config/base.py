@@ -27,12 +27,6 @@ def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"config key '{key}': got {value!r}; allowed: {allowed}")
 
 
-def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
 def check_range(
     key: str,
     value: float | int | None,

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_opd.config.base import ConfigError, check_choice, check_range, fail
+from megatron_opd.config.base import ConfigError, check_range, fail
 
 ParamsDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -62,12 +62,22 @@ class ModelConfig:
     """Recompute each transformer layer in the backward pass to save activation memory."""
 
     def __post_init__(self) -> None:
-        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+        ):
             check_range(f"model.{key}", getattr(self, key), 1)
         check_range("model.vocab_size", self.vocab_size, 2)
         check_range("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, 1)
         if self.hidden_size % self.num_attention_heads:
-            fail("model.hidden_size", self.hidden_size, f"a multiple of num_attention_heads ({self.num_attention_heads})")
+            fail(
+                "model.hidden_size",
+                self.hidden_size,
+                f"a multiple of num_attention_heads ({self.num_attention_heads})",
+            )
         if self.num_attention_heads % self.num_query_groups:
             fail(
                 "model.num_query_groups",
@@ -105,7 +115,9 @@ class ParallelConfig:
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             check_range(f"parallel.{key}", getattr(self, key), 1)
         check_range("parallel.data_parallel_size", self.data_parallel_size, 1)
-        check_range("parallel.virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size, 1)
+        check_range(
+            "parallel.virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size, 1
+        )
         if self.virtual_pipeline_model_parallel_size is not None and self.pipeline_model_parallel_size < 2:
             fail(
                 "parallel.virtual_pipeline_model_parallel_size",
@@ -118,7 +130,9 @@ class ParallelConfig:
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        return (
+            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        )
 
     def resolve_data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; fails with the arithmetic spelled out if the layout does not fit."""
@@ -248,7 +262,11 @@ class HorizonConfig:
         check_range("horizon.delta_k", self.delta_k, 1)
         check_range("horizon.segment_start", self.segment_start, 0.0)
         if self.segment_end <= self.segment_start:
-            fail("horizon.segment_end", self.segment_end, f"a value greater than segment_start ({self.segment_start})")
+            fail(
+                "horizon.segment_end",
+                self.segment_end,
+                f"a value greater than segment_start ({self.segment_start})",
+            )
         if self.segment_unit == "fraction":
             check_range("horizon.segment_end", self.segment_end, 0.0, 1.0, lo_open=True)
         check_range("horizon.adaptive_threshold", self.adaptive_threshold, 0.0, lo_open=True)
@@ -292,7 +310,9 @@ class LossConfig:
         check_range("loss.normalization_constant", self.normalization_constant, 0.0, lo_open=True)
         check_range("loss.chunk_size", self.chunk_size, 1)
         if self.pg_coef == 0.0 and self.topk_kl_coef == 0.0:
-            fail("loss.pg_coef", 0.0, "a positive value (or set loss.topk_kl_coef > 0): the loss would be zero")
+            fail(
+                "loss.pg_coef", 0.0, "a positive value (or set loss.topk_kl_coef > 0): the loss would be zero"
+            )
 
 
 @dataclass(kw_only=True)
@@ -474,7 +494,11 @@ class OPDConfig:
                     f"at most rollout.max_response_length ({self.rollout.max_response_length})",
                 )
         if self.horizon.schedule == "progressive" and self.horizon.h0 > self.rollout.max_response_length:
-            fail("horizon.h0", self.horizon.h0, f"at most rollout.max_response_length ({self.rollout.max_response_length})")
+            fail(
+                "horizon.h0",
+                self.horizon.h0,
+                f"at most rollout.max_response_length ({self.rollout.max_response_length})",
+            )
         if self.loss.topk_kl_coef > 0 and self.teacher.topk == 0:
             fail("teacher.topk", 0, "a positive K when loss.topk_kl_coef > 0")
 

@@ -38,7 +38,9 @@ def position_bucket_means(
     """
     sums, counts = position_sums(values, mask)
     T = sums.shape[0]
-    bucket = (torch.arange(T, dtype=torch.float64) * num_buckets / max_length).long().clamp(max=num_buckets - 1)
+    bucket = (
+        (torch.arange(T, dtype=torch.float64) * num_buckets / max_length).long().clamp(max=num_buckets - 1)
+    )
     bsum = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, bucket, sums.cpu())
     bcnt = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, bucket, counts.cpu())
     return [float(s / c) if c > 0 else float("nan") for s, c in zip(bsum.tolist(), bcnt.tolist())]

@@ -131,8 +131,9 @@ def topk_ids(
     """
     z = logits.detach().float()
     k_local = min(k, z.shape[-1])
-    vals, idx = torch.topk(z, k_local, dim=-1)
-    idx = idx + vocab_start
+    # A stable sort (not torch.topk) so that among equal logits the lower id wins on every rank.
+    vals, idx = torch.sort(z, dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :k_local], idx[..., :k_local] + vocab_start
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         world = dist.get_world_size(tp_group)
         all_vals = [torch.empty_like(vals) for _ in range(world)]
@@ -264,5 +265,7 @@ def opd_token_terms_from_logits(
         ids = topk_ids(logits, topk, vocab_start, tp_group)
     kl = None
     if ids is not None and teacher_topk_logprobs is not None:
-        kl = topk_reverse_kl(logprobs_at(logits, ids, vocab_start, tp_group), teacher_topk_logprobs, renormalize)
+        kl = topk_reverse_kl(
+            logprobs_at(logits, ids, vocab_start, tp_group), teacher_topk_logprobs, renormalize
+        )
     return logp, kl, ids

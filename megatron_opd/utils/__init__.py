@@ -1,1 +1,1 @@
-"""utils"""
+"""Small shared utilities (process launching for tests and tools, logging helpers)."""

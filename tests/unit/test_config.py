@@ -1,0 +1,152 @@
+"""The config tree: defaults validate, YAML and CLI are generated from it, bad input fails naming the key."""
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from megatron_opd.config import (
+    ConfigError,
+    HorizonConfig,
+    OPDConfig,
+    build_parser,
+    config_from_dict,
+    dump_yaml,
+    load_yaml,
+    parse_config,
+)
+from megatron_opd.config.base import field_docs
+from megatron_opd.config.loader import _sections
+
+
+def test_every_field_has_a_docstring():
+    for section, cls in _sections().items():
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{section}: fields without a docstring: {missing}"
+
+
+def test_defaults_are_valid_and_follow_the_paper_table_3():
+    cfg = OPDConfig()
+    assert cfg.train.global_batch_size == 64 and cfg.train.n_samples_per_prompt == 4
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+    assert cfg.rollout.max_prompt_length == 1024 and cfg.rollout.max_response_length == 15360
+    assert cfg.optimizer.lr == 1e-6 and cfg.train.epochs == 2
+    assert cfg.teacher.topk == 16 and cfg.teacher.topk_strategy == "student"
+    assert cfg.horizon.delta_h == 9 and cfg.horizon.delta_k == 1
+    assert cfg.loss.gamma == 0.0
+
+
+def test_cli_megatron_names_and_dotted_names():
+    cfg = parse_config(
+        [
+            "--tensor-model-parallel-size",
+            "2",
+            "--parallel.pipeline_model_parallel_size",
+            "2",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "3e-4",
+            "--horizon.schedule",
+            "truncated",
+            "--horizon.rho",
+            "0.1",
+            "--sequence-parallel",
+            "true",
+            "--rollout.sglang_urls",
+            "http://a:1,http://b:2",
+        ]
+    )
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.parallel.pipeline_model_parallel_size == 2
+    assert cfg.train.micro_batch_size == 2 and cfg.train.global_batch_size == 8
+    assert cfg.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.horizon.schedule == "truncated" and cfg.horizon.rho == 0.1
+    assert cfg.parallel.sequence_parallel is True
+    assert cfg.rollout.sglang_urls == ["http://a:1", "http://b:2"]
+
+
+def test_yaml_then_cli_override_and_include(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("optimizer:\n  lr: 1.0e-5\ntrain:\n  epochs: 3\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("include: base.yaml\nhorizon:\n  schedule: full\ntrain:\n  seed: 7\n")
+    cfg = parse_config(["--config", str(child), "--train.seed", "9"])
+    assert cfg.optimizer.lr == 1e-5 and cfg.train.epochs == 3
+    assert cfg.horizon.schedule == "full" and cfg.train.seed == 9
+
+
+def test_dump_yaml_round_trips(tmp_path):
+    cfg = parse_config(["--horizon.schedule", "adaptive", "--tensor-model-parallel-size", "2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert config_from_dict(load_yaml(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--horizon.schedule", "foo"], "'horizon.schedule': got 'foo'; allowed: one of 'full', 'truncated'"),
+        (["--horizon.rho", "1.5"], "'horizon.rho': got 1.5; allowed: a number in (0.0, 1.0]"),
+        (["--lr", "abc"], "'optimizer.lr': got 'abc'; allowed: a number"),
+        (["--micro-batch-size", "0"], "'train.micro_batch_size': got 0"),
+        (
+            ["--horizon.schedul", "full"],
+            "unknown command-line argument '--horizon.schedul'. Did you mean --horizon.schedule",
+        ),
+        (["--sequence-parallel", "true"], "'parallel.sequence_parallel'"),
+        (["--model.num_query_groups", "3"], "a divisor of num_attention_heads (4)"),
+        (["--rollout.sglang_urls", "localhost:3000"], "URLs starting with http://"),
+        (["--loss.topk_kl_coef", "0.5", "--teacher.topk", "0"], "'teacher.topk'"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert needle in str(e.value)
+
+
+def test_unknown_yaml_key_and_section(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("horizon:\n  shedule: full\n"))
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'horizon.shedule'. Did you mean horizon.schedule"
+    ):
+        parse_config(["--config", str(bad)])
+    with pytest.raises(ConfigError, match=r"unknown config key 'horizn'"):
+        config_from_dict({"horizn": {}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_world_size_checks():
+    cfg = parse_config(
+        ["--tensor-model-parallel-size", "2", "--global-batch-size", "4", "--micro-batch-size", "2"]
+    )
+    assert cfg.check_world_size(4) == 2
+    with pytest.raises(
+        ConfigError, match=r"world size 3 is not divisible by tensor_model_parallel_size \(2\)"
+    ):
+        cfg.check_world_size(3)
+    odd = parse_config(["--global-batch-size", "3", "--n-samples-per-prompt", "1", "--micro-batch-size", "2"])
+    with pytest.raises(ConfigError, match="not divisible by micro_batch_size"):
+        odd.check_world_size(1)
+    fixed = parse_config(["--parallel.data_parallel_size", "2"])
+    with pytest.raises(ConfigError, match="set it to 4"):
+        fixed.check_world_size(4)
+
+
+def test_help_lists_every_field_with_its_doc():
+    text = build_parser("opd").format_help()
+    assert "--parallel.tensor_model_parallel_size" in text and "--tensor-model-parallel-size" in text
+    assert "POPD initial horizon H_0 in tokens" in text
+    # a name shared by two sections gets no ambiguous alias
+    assert "--temperature " not in text and "--rollout.temperature" in text and "--eval.temperature" in text
+
+
+def test_section_constructors_validate_directly():
+    with pytest.raises(ConfigError, match="segment_end"):
+        HorizonConfig(segment_start=0.5, segment_end=0.2)
