@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,10 +81,34 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("include", None)
+    data = _expand_env(data, path)
     if base is not None:
         parent = load_yaml(os.path.join(os.path.dirname(path), base))
         data = merge(parent, data)
     return data
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, path: str, key: str = "") -> Any:
+    """Replace ``${VAR}`` in string values by the environment's value; an unset variable is an error."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path, key) for v in value]
+    if isinstance(value, str):
+
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                raise ConfigError(
+                    f"config key '{key}' in '{path}' uses ${{{m.group(1)}}}, which is not set in the environment; "
+                    f"export {m.group(1)}=... or override the key on the command line"
+                )
+            return os.environ[m.group(1)]
+
+        return _ENV_VAR.sub(sub, value)
+    return value
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

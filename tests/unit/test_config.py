@@ -150,3 +150,39 @@ def test_help_lists_every_field_with_its_doc():
 def test_section_constructors_validate_directly():
     with pytest.raises(ConfigError, match="segment_end"):
         HorizonConfig(segment_start=0.5, segment_end=0.2)
+
+
+def test_yaml_env_vars_expand_or_fail_clearly(tmp_path, monkeypatch):
+    f = tmp_path / "env.yaml"
+    f.write_text("model:\n  hf_path: ${OPD_TEST_MODELS}/student\n")
+    monkeypatch.setenv("OPD_TEST_MODELS", "/models")
+    assert parse_config(["--config", str(f)]).model.hf_path == "/models/student"
+    monkeypatch.delenv("OPD_TEST_MODELS")
+    with pytest.raises(ConfigError, match=r"'model.hf_path' .* uses \$\{OPD_TEST_MODELS\}, which is not set"):
+        parse_config(["--config", str(f)])
+
+
+def test_shipped_paper_configs_load(monkeypatch):
+    import glob
+    import os
+
+    for var in ("MODELS_DIR", "DATA_DIR", "RUN_DIR"):
+        monkeypatch.setenv(var, "/x")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
+    files = sorted(
+        glob.glob(os.path.join(root, "paper", "r1_*.yaml"))
+        + glob.glob(os.path.join(root, "paper", "openmath_*.yaml"))
+    )
+    assert len(files) == 12
+    seen = set()
+    for path in files:
+        cfg = parse_config(["--config", path])
+        assert cfg.optimizer.lr == 1e-6 and cfg.train.global_batch_size == 64 and cfg.teacher.topk == 16
+        seen.add((cfg.horizon.schedule, cfg.horizon.rho if cfg.horizon.schedule == "truncated" else None))
+    assert seen == {
+        ("full", None),
+        ("progressive", None),
+        ("truncated", 0.5),
+        ("truncated", 0.25),
+        ("truncated", 0.1),
+    }
