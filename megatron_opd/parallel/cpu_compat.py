@@ -1,0 +1,121 @@
+"""Redirects that let Megatron-core train on a machine without CUDA (tests, CI, laptops).
+
+Why it exists: megatron-core 0.16.1 assumes CUDA in a handful of places (buffer allocation, the pipeline
+schedule, the optimizer, the model-parallel RNG tracker). Everything else about it runs on CPU over gloo. This
+module holds every redirect in one place, each documented with where Megatron needs it
+(measured in ``/work/shared/notes/megatron-core-on-cpu.md``). ``apply_cpu_compat()`` is idempotent and does
+nothing when CUDA is available, so GPU runs never see any of it.
+
+The redirects:
+1. ``torch.cuda.current_device()`` -> the CPU device (Megatron allocates many buffers with
+   ``device=torch.cuda.current_device()``).
+2. ``torch.cuda.synchronize()`` -> no-op (pipeline send/recv synchronizes after batched p2p).
+3. Hard-coded ``device="cuda"`` factory calls and ``Tensor.cuda()`` (pipeline schedules, optimizer, grad
+   clipping) -> CPU, through a global ``TorchFunctionMode``.
+4. ``Tensor.type()`` (no argument) reports the CUDA type name (``'torch.cuda.FloatTensor'``) inside that mode:
+   grad clipping, bf16 params and the distributed optimizer assert on it.
+5. The model-parallel RNG tracker (attention always forks it, even with dropout 0) -> a tracker whose named
+   states are states of the CPU generator.
+6. The CUDA RNG get/set used by activation recompute -> the CPU generator's get/set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+_MODE: TorchFunctionMode | None = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects 3 and 4: ``device='cuda'`` -> CPU, ``Tensor.cuda()`` -> self, ``Tensor.type()`` -> CUDA name."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _install_cpu_rng_tracker() -> None:
+    """Redirects 5 and 6: Megatron's RNG tracker and recompute RNG hooks on the CPU generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Named RNG states of the CPU generator; ``fork`` swaps them in and out as the CUDA tracker does."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def reset_cpu_rng_tracker() -> None:
+    """Re-install a fresh CPU tracker (Megatron's ``force_reset_rng`` would bring back the CUDA one)."""
+    if _APPLIED:
+        _install_cpu_rng_tracker()
+
+
+def apply_cpu_compat() -> bool:
+    """Apply every redirect when CUDA is absent; returns whether they are active. Idempotent."""
+    global _APPLIED, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    torch.cuda.current_device = lambda: torch.device("cpu")  # 1
+    torch.cuda.synchronize = lambda *a, **k: None  # 2
+    _MODE = _CudaToCpuMode()  # 3, 4
+    _MODE.__enter__()
+    _install_cpu_rng_tracker()  # 5, 6
+    _APPLIED = True
+    logger.info("CUDA is absent: Megatron-core CPU redirects applied (megatron_opd.parallel.cpu_compat)")
+    return True
+
+
+def cpu_compat_active() -> bool:
+    """Whether ``apply_cpu_compat`` has installed the redirects in this process."""
+    return _APPLIED

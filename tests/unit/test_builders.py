@@ -1,0 +1,94 @@
+"""Model builders: vocabulary padding, HF config reading, and the GPTModel's layout and keys (one process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_opd.config.tree import ModelConfig, ParallelConfig
+from megatron_opd.model.builders import build_model, model_config_from_hf, padded_vocab_size
+from megatron_opd.parallel.state import initialize_parallel
+
+QWEN2_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 151,
+    "max_position_embeddings": 512,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize(
+    "vocab, divisible_by, tp, expected",
+    [(128, 128, 1, 128), (129, 128, 1, 256), (128, 128, 2, 256), (151936, 128, 4, 152064), (1, 1, 1, 1)],
+)
+def test_padded_vocab_size(vocab: int, divisible_by: int, tp: int, expected: int) -> None:
+    assert padded_vocab_size(vocab, divisible_by, tp) == expected
+
+
+def test_model_config_from_hf_qwen2(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_CONFIG))
+    cfg = model_config_from_hf(tmp_path)
+    assert cfg.architecture == "qwen2" and cfg.add_qkv_bias and cfg.untie_embeddings_and_output_weights
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (2, 64, 176)
+    assert (cfg.num_attention_heads, cfg.num_query_groups, cfg.vocab_size) == (4, 2, 151)
+    assert cfg.rotary_base == 1e6 and cfg.params_dtype == "bfloat16" and cfg.hf_path == str(tmp_path)
+    assert model_config_from_hf(QWEN2_CONFIG, params_dtype="float32").params_dtype == "float32"
+
+
+def test_model_config_from_hf_llama_and_rejections() -> None:
+    llama = dict(
+        QWEN2_CONFIG, architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True
+    )
+    llama.pop("rope_theta")
+    llama["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    cfg = model_config_from_hf(llama)
+    assert (
+        cfg.architecture == "llama" and not cfg.add_qkv_bias and not cfg.untie_embeddings_and_output_weights
+    )
+    assert cfg.rotary_base == 5e5
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        model_config_from_hf(dict(llama, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        model_config_from_hf(dict(QWEN2_CONFIG, architectures=["MistralForCausalLM"], model_type="mistral"))
+
+
+def test_build_model_local_spec_keys_and_shapes() -> None:
+    initialize_parallel(ParallelConfig(), seed=3)
+    cfg = ModelConfig(vocab_size=100, make_vocab_size_divisible_by=64)
+    model = build_model(cfg)
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    h, kv = cfg.hidden_size, cfg.num_query_groups * cfg.hidden_size // cfg.num_attention_heads
+    assert sd["embedding.word_embeddings.weight"].shape == (128, h)  # 100 padded to 128
+    assert sd["output_layer.weight"].shape == (128, h)
+    assert sd["decoder.layers.1.self_attention.linear_qkv.weight"].shape == (h + 2 * kv, h)
+    assert sd["decoder.layers.1.self_attention.linear_qkv.bias"].shape == (h + 2 * kv,)
+    assert sd["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * cfg.ffn_hidden_size, h)
+    assert sd["decoder.layers.0.input_layernorm.weight"].shape == (h,)
+    assert "decoder.final_layernorm.weight" in sd
+    tokens = torch.randint(0, 100, (2, 7))
+    logits = model(tokens, torch.arange(7).expand(2, 7), None)
+    assert logits.shape == (2, 7, 128) and torch.isfinite(logits).all()
+    # Causality: changing the last token leaves earlier positions' logits unchanged.
+    tokens2 = tokens.clone()
+    tokens2[:, -1] = (tokens2[:, -1] + 1) % 100
+    logits2 = model(tokens2, torch.arange(7).expand(2, 7), None)
+    torch.testing.assert_close(logits2[:, :-1], logits[:, :-1], rtol=0, atol=0)
+
+
+def test_build_model_llama_tied_has_no_output_layer() -> None:
+    initialize_parallel(ParallelConfig(), seed=3)
+    cfg = ModelConfig(architecture="llama", add_qkv_bias=False, untie_embeddings_and_output_weights=False)
+    sd = build_model(cfg).state_dict()
+    assert "output_layer.weight" not in sd
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" not in sd
