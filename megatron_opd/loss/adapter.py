@@ -1,0 +1,193 @@
+"""The functional entry the student step calls: LM-head hidden states + weight shard -> OPD token terms or loss.
+
+Why it exists: one stable signature in front of the four implementations, chosen by ``loss.impl``:
+
+- ``'reference'``: logits = hidden @ weight^T in fp32, then ``reference.opd_token_terms_from_logits`` (the
+  specification; holds the full [N, V/tp] logits and their autograd copies).
+- ``'chunked'``: pure torch over token chunks (``fused.LinearOPDTerms``, backend 'torch'); never holds more
+  than [chunk_size, V/tp] logits. The CPU default.
+- ``'triton'``: the same chunk loop with Triton kernels for the softmax passes (``triton_kernels.py``); on
+  CPU only under ``TRITON_INTERPRET=1`` (tests).
+- ``'auto'``: triton on CUDA, chunked otherwise.
+
+Contract of ``opd_token_terms`` (kept stable for ``training/``): it returns per-token (log p(y), top-K KL) with
+gradients flowing to ``hidden`` and ``weight`` from any upstream gradient on either output, so the caller
+builds the objective with ``reference.opd_loss``. ``opd_loss_fused`` instead takes the advantages and mask and
+returns the loss itself, computing the gradient during forward (3 instead of 4 LM-head GEMMs; see
+``fused.py``); it gives the same loss and gradients as ``reference.opd_loss`` on ``opd_token_terms``.
+
+Tensor parallelism: ``weight`` is this rank's vocabulary shard, rows [vocab_start, vocab_start + V/tp); ids
+are global. Reductions go over the explicit ``tp_group``. ``hidden``'s gradient is this rank's partial sum,
+as for any column-parallel linear; wrap ``hidden`` with ``copy_to_tp_region`` (or Megatron's own
+``copy_to_tensor_model_parallel_region``) to all-reduce it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.loss.fused import LinearOPDLoss, LinearOPDTerms
+from megatron_opd.loss.reference import Normalization, opd_loss, opd_token_terms_from_logits
+
+Impl = Literal["auto", "reference", "chunked", "triton"]
+
+
+def resolve_impl(impl: Impl, device: torch.device) -> Literal["reference", "chunked", "triton"]:
+    """'auto' -> 'triton' on CUDA (when triton imports), 'chunked' otherwise; others unchanged."""
+    if impl != "auto":
+        if impl not in ("reference", "chunked", "triton"):
+            raise ValueError(f"unknown loss impl {impl!r}; use auto, reference, chunked or triton")
+        return impl
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            return "chunked"
+    return "chunked"
+
+
+class _CopyToTPRegion(torch.autograd.Function):
+    """Identity forward, all-reduce SUM backward over the TP group (Megatron's copy-to-TP region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def copy_to_tp_region(hidden: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Mark ``hidden`` [N, H] as entering the vocab-parallel LM head: its gradient is summed over ``tp_group``."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return hidden
+    return _CopyToTPRegion.apply(hidden, tp_group)
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, fp8: bool, impl: str) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [N, H] and weight [V/tp, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets [N] expected, got {tuple(targets.shape)} for N = {hidden.shape[0]}")
+    if fp8 and impl == "reference":
+        raise ValueError("fp8 is a property of the fused paths; use impl='chunked', 'triton' or 'auto'")
+
+
+def opd_token_terms(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    topk: int = 0,
+    renormalize: bool = True,
+    vocab_start: int = 0,
+    tp_group: dist.ProcessGroup | None = None,
+    impl: Impl = "auto",
+    chunk_size: int = 1024,
+    fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student per-token terms straight from the LM head, without the [N, V] logits (except impl='reference').
+
+    Args:
+        hidden: [N, H] last hidden states (bf16/fp16/fp32), with gradient.
+        weight: [V/tp, H] LM-head weight shard, with gradient.
+        targets: [N] sampled token ids (global).
+        topk_ids: [N, K] ids for the KL (teacher top-K strategy), or None.
+        teacher_topk_logprobs: [N, K] teacher logprobs at the ids; without them no KL is computed.
+        topk: K for the student top-K strategy: ids chosen inside from the student's logits (no gradient)
+            when ``topk_ids`` is None.
+        renormalize: renormalise both distributions over the K ids (``reference.topk_reverse_kl``).
+        vocab_start: first global id of this rank's shard.
+        tp_group: vocabulary-parallel group (None: unsharded).
+        impl: 'auto' | 'reference' | 'chunked' | 'triton' (module doc).
+        chunk_size: tokens per chunk for chunked/triton.
+        fp8: run the LM-head GEMMs in FP8 with per-row scales (``fp8.py``; chunked/triton only).
+    Returns:
+        (logprobs [N] fp32, top-K reverse KL [N] fp32 or None); both carry gradients to hidden and weight.
+    """
+    impl_r = resolve_impl(impl, hidden.device)
+    _check(hidden, weight, targets, fp8, impl_r)
+    if impl_r == "reference":
+        logits = torch.mm(hidden.float(), weight.float().t())
+        logp, kl, _ = opd_token_terms_from_logits(
+            logits, targets, topk=topk, topk_ids_given=topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
+            renormalize=renormalize, vocab_start=vocab_start, tp_group=tp_group,
+        )  # fmt: skip
+        return logp, kl
+    backend = "torch" if impl_r == "chunked" else "triton"
+    logp, kl = LinearOPDTerms.apply(
+        hidden, weight, targets, topk_ids, teacher_topk_logprobs, topk, renormalize, vocab_start, tp_group,
+        chunk_size, backend, fp8,
+    )  # fmt: skip
+    has_kl = teacher_topk_logprobs is not None and (topk_ids is not None or topk > 0)
+    return logp, (kl if has_kl else None)
+
+
+def opd_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    topk: int = 0,
+    renormalize: bool = True,
+    pg_coef: float = 1.0,
+    topk_kl_coef: float = 0.0,
+    normalization: Normalization = "token_mean",
+    constant: float = 1.0,
+    num_tokens: float | torch.Tensor | None = None,
+    num_sequences: float | torch.Tensor | None = None,
+    vocab_start: int = 0,
+    tp_group: dist.ProcessGroup | None = None,
+    impl: Impl = "auto",
+    chunk_size: int = 1024,
+    fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OPD loss (``reference.opd_loss``) straight from the LM head, gradient computed during forward.
+
+    Args:
+        hidden: [B*T, H]; weight: [V/tp, H]; targets: [B*T].
+        advantages, mask: [B, T] (constants); topk_ids / teacher_topk_logprobs: [B*T, K] as in
+            ``opd_token_terms``. The remaining keywords are ``reference.opd_loss``'s.
+    Returns:
+        (scalar loss with gradient to hidden and weight, student logprobs [B, T] fp32 without gradient).
+    With impl='reference' this is ``reference.opd_loss`` on ``opd_token_terms(impl='reference')``.
+    """
+    impl_r = resolve_impl(impl, hidden.device)
+    _check(hidden, weight, targets, fp8, impl_r)
+    if advantages.shape != mask.shape or advantages.numel() != hidden.shape[0]:
+        raise ValueError(f"advantages and mask [B, T] with B*T = N expected, got {tuple(advantages.shape)}")
+    kw = dict(
+        pg_coef=pg_coef, topk_kl_coef=topk_kl_coef, normalization=normalization, constant=constant,
+        num_tokens=num_tokens, num_sequences=num_sequences,
+    )  # fmt: skip
+    if impl_r == "reference":
+        logp, kl = opd_token_terms(
+            hidden, weight, targets, topk_ids=topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, topk=topk,
+            renormalize=renormalize, vocab_start=vocab_start, tp_group=tp_group, impl="reference",
+        )  # fmt: skip
+        logp, kl = logp.reshape(advantages.shape), None if kl is None else kl.reshape(advantages.shape)
+        return opd_loss(logp, advantages, mask, topk_kl=kl, **kw), logp.detach()
+    backend = "torch" if impl_r == "chunked" else "triton"
+    teacher = teacher_topk_logprobs if topk_kl_coef > 0 else None
+    loss, logp, _ = LinearOPDLoss.apply(
+        hidden, weight, targets, advantages, mask, topk_ids, teacher, topk, renormalize, vocab_start, tp_group,
+        chunk_size, backend, fp8, kw,
+    )  # fmt: skip
+    return loss, logp

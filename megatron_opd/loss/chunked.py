@@ -1,0 +1,176 @@
+"""The LM-head + OPD token terms, one chunk of tokens at a time, so the [N, V] logits never exist.
+
+Why it exists: for 16,384 tokens and a 151,936-token vocabulary the fp32 logits alone are 9.96 GB. Here only a
+[chunk, V/tp] block is alive at once; the loop and the per-chunk math are shared by the pure-torch path
+(``backend='torch'``) and the Triton path (``backend='triton'``, which swaps in two kernels from
+``triton_kernels.py`` for the softmax statistics and the in-place logits gradient). Everything that is not
+the [chunk, V] softmax itself comes from ``reference.py`` (``gather_logits``, ``topk_ids``, ``topk_reverse_kl``,
+``log_partition``), so there is one statement of the math.
+
+The logits gradient, for a row with upstream gradients g_logp (on log p(y)) and g_s[k] (on the K student
+logprobs s_k = z[id_k] - lse that feed the top-K KL):
+
+    dL/dz = g_logp * onehot(y) + sum_k g_s[k] * onehot(id_k) - (g_logp + sum_k g_s[k]) * softmax(z)
+
+so only lse [N] (and the small s [N, K]) must be kept between forward and backward; g_s comes from autograd
+through ``reference.topk_reverse_kl`` on the [N, K] tensor. With vocabulary parallelism each rank applies this
+to its own shard: the one-hots land only where the id is local, and lse is already global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.loss import fp8 as fp8_mm
+from megatron_opd.loss.reference import gather_logits, log_partition, topk_ids, topk_reverse_kl
+
+Backend = Literal["torch", "triton"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMMs: bf16/fp16 inputs, fp32 accumulation and fp32 logits
+# ----------------------------------------------------------------------------------------------------------
+def matmul_nt_fp32(a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """a @ b^T with fp32 accumulation and an fp32 result. a [M, K], b [N, K] -> [M, N] fp32.
+
+    On CUDA half inputs use cuBLAS' half-in/fp32-out GEMM (``torch.mm(..., out_dtype=float32)``) so the
+    logits are not rounded to bf16; elsewhere the operands are upcast. ``fp8`` routes through ``fp8.matmul_nt``.
+    """
+    if fp8:
+        return fp8_mm.matmul_nt(a, b)
+    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float().t())
+
+
+def matmul_nn_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> None:
+    """out += a @ b in fp32. a [M, K] fp32, b [K, N] (any float), out [M, N] fp32.
+
+    Used for d hidden = dz @ W and d W = dz^T @ h. On CUDA with half operands dz is cast to b's dtype first
+    (as Liger does) so the GEMM runs on tensor cores; the accumulation stays fp32.
+    """
+    if fp8:
+        out += fp8_mm.matmul_nt(a, b.t())
+    elif b.dtype in (torch.bfloat16, torch.float16) and b.is_cuda:
+        out += torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+    else:
+        out.addmm_(a, b.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-chunk math
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ChunkTerms:
+    """Per-token outputs of one chunk of C tokens (all fp32, no gradient)."""
+
+    lse: torch.Tensor
+    """[C] global log-partition."""
+    logp: torch.Tensor
+    """[C] log p(y_t)."""
+    ids: torch.Tensor | None
+    """[C, K] top-K ids used (given or chosen here), or None."""
+    s: torch.Tensor | None
+    """[C, K] student logprobs at ``ids`` (only when the KL is computed)."""
+    kl: torch.Tensor | None
+    """[C] top-K reverse KL, or None."""
+
+
+def _lse_triton(z: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    from megatron_opd.loss.reference import tp_max, tp_sum
+    from megatron_opd.loss.triton_kernels import row_max_sumexp
+
+    m, s = row_max_sumexp(z)
+    # The same max-shifted combination as reference.log_partition, applied to per-rank (max, sum-exp) pairs.
+    gm = tp_max(m, tp_group)
+    return gm + torch.log(tp_sum(s * torch.exp(m - gm), tp_group))
+
+
+def chunk_forward(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    ids: torch.Tensor | None,
+    teacher_logprobs: torch.Tensor | None,
+    *,
+    topk: int,
+    renormalize: bool,
+    vocab_start: int,
+    tp_group: dist.ProcessGroup | None,
+    backend: Backend,
+) -> ChunkTerms:
+    """The token terms of one chunk from its fp32 logits z [C, V/tp] (as reference.opd_token_terms_from_logits)."""
+    lse = log_partition(z, tp_group) if backend == "torch" else _lse_triton(z, tp_group)
+    logp = gather_logits(z, targets.unsqueeze(-1), vocab_start, tp_group).squeeze(-1) - lse
+    if ids is None and topk > 0:
+        ids = topk_ids(z, topk, vocab_start, tp_group)
+    s = kl = None
+    if ids is not None and teacher_logprobs is not None:
+        s = gather_logits(z, ids, vocab_start, tp_group) - lse.unsqueeze(-1)
+        kl = topk_reverse_kl(s, teacher_logprobs, renormalize)
+    return ChunkTerms(lse=lse, logp=logp, ids=ids, s=s, kl=kl)
+
+
+def kl_grad(
+    s: torch.Tensor, teacher_logprobs: torch.Tensor, renormalize: bool, g_kl: torch.Tensor
+) -> torch.Tensor:
+    """dL/ds [N, K] from the upstream g_kl [N], by autograd through ``reference.topk_reverse_kl``."""
+    with torch.enable_grad():
+        s_leaf = s.detach().float().requires_grad_(True)
+        kl = topk_reverse_kl(s_leaf, teacher_logprobs, renormalize)
+        (g_s,) = torch.autograd.grad(kl, s_leaf, g_kl.float())
+    return g_s
+
+
+def _scatter_local_(
+    dz: torch.Tensor, ids: torch.Tensor, coef: torch.Tensor, vocab_start: int
+) -> None:  # dz [C, V/tp], ids/coef [C, K]
+    local = ids - vocab_start
+    inside = (local >= 0) & (local < dz.shape[-1])
+    dz.scatter_add_(1, local.clamp(0, dz.shape[-1] - 1), torch.where(inside, coef, torch.zeros_like(coef)))
+
+
+def logits_grad_(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    targets: torch.Tensor,
+    g_logp: torch.Tensor,
+    ids: torch.Tensor | None,
+    g_s: torch.Tensor | None,
+    *,
+    vocab_start: int,
+    backend: Backend,
+) -> torch.Tensor:
+    """Overwrite the fp32 logits z [C, V/tp] with dL/dz (module doc) and return it."""
+    c = g_logp.float() if g_s is None else g_logp.float() + g_s.sum(-1)
+    if backend == "torch":
+        z.sub_(lse.unsqueeze(-1)).exp_().mul_(-c.unsqueeze(-1))
+    else:
+        from megatron_opd.loss.triton_kernels import softmax_scale_
+
+        softmax_scale_(z, lse, -c)
+    _scatter_local_(z, targets.unsqueeze(-1), g_logp.float().unsqueeze(-1), vocab_start)
+    if g_s is not None and ids is not None:
+        _scatter_local_(z, ids, g_s, vocab_start)
+    return z
+
+
+def chunks(n: int, chunk_size: int) -> list[slice]:
+    """Token slices of at most ``chunk_size``."""
+    return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+def accumulate_grads(
+    dz: torch.Tensor,
+    hidden_c: torch.Tensor,
+    weight: torch.Tensor,
+    grad_hidden_c: torch.Tensor,
+    grad_weight: torch.Tensor,
+    fp8: bool = False,
+) -> None:
+    """grad_hidden_c += dz @ W; grad_weight += dz^T @ h (both fp32). dz [C, V/tp], hidden_c [C, H], W [V/tp, H]."""
+    matmul_nn_into(grad_hidden_c, dz, weight, fp8)
+    matmul_nn_into(grad_weight, dz.t(), hidden_c, fp8)

@@ -1,0 +1,64 @@
+"""FP8 GEMMs for the fused LM-head + OPD loss (Hopper and later; also runs, slowly, on CPU for tests).
+
+Why it exists: in the fused loss the three LM-head GEMMs (logits, d hidden, d weight) are nearly all the
+time; FP8 tensor cores run them about twice as fast as bf16. Everything else in the loss stays fp32.
+
+Scaling: each operand is quantised to ``float8_e4m3fn`` with a scale per row of the contraction (``'row'``,
+default: one scale per token row of the hidden states, per vocabulary row of the weight, ...) or one scale for
+the whole tensor (``'tensor'``). ``torch._scaled_mm`` multiplies the FP8 operands with fp32 accumulation and
+applies the scales on the output. Transformer-Engine is not used: it cannot be imported without CUDA, and
+``_scaled_mm`` covers the one GEMM shape we need.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scaling = Literal["row", "tensor"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+_ALIGN = 16  # _scaled_mm needs every dimension a multiple of 16 on CUDA
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if x.shape == (rows, cols):
+        return x
+    return torch.nn.functional.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]))
+
+
+def _round_up(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def quantize(x: torch.Tensor, scaling: Scaling = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float) -> (FP8 [M, K], fp32 scale [M, 1] or [] ) with x ~= q * scale."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if scaling == "row" else xf.abs().amax()
+    # An all-zero row gets scale 1 (its quantised values are zero anyway) instead of a division by zero.
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    q = (xf / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def matmul_nt(
+    a: torch.Tensor, b: torch.Tensor, scaling: Scaling = "row", out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """a @ b^T through FP8 operands with fp32 accumulation. a [M, K], b [N, K] -> [M, N] ``out_dtype``.
+
+    Both operands are scaled along K (the contraction), so per-row scales factor out of the sum exactly.
+    Dimensions are zero-padded to multiples of 16 (zeros change neither the sums nor the row scales).
+    """
+    m, k = a.shape
+    n = b.shape[0]
+    mp, kp, np_ = _round_up(m), _round_up(k), _round_up(n)
+    qa, sa = quantize(_pad_to(a, mp, kp), scaling)
+    qb, sb = quantize(_pad_to(b, np_, kp), scaling)
+    if scaling == "row":
+        sb = sb.reshape(1, np_)
+    else:
+        sa, sb = sa.reshape(()), sb.reshape(())
+    out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return out[:m, :n]

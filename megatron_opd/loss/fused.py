@@ -1,0 +1,224 @@
+"""Autograd functions for the LM-head + OPD loss that never hold the [N, V] logits.
+
+Why it exists: two ways to turn ``chunked.py``'s per-chunk math into gradients for the hidden states and the
+LM-head weight, with different trade-offs.
+
+- ``LinearOPDTerms`` returns per-token (log p(y), top-K KL) and accepts ANY upstream gradient on them, so the
+  caller combines them freely (advantages, masks, ``reference.opd_loss``). Forward keeps only lse [N] and the
+  top-K student logprobs [N, K]; backward RECOMPUTES each chunk's logits. Cost: 4 LM-head GEMMs
+  (8 N H V/tp FLOPs): logits in forward, logits again + d hidden + d weight in backward.
+- ``LinearOPDLoss`` returns the scalar OPD loss itself. Because ``reference.opd_loss`` is linear in the
+  per-token terms, their gradient coefficients are known before the logits are (they depend only on the
+  advantages, mask and normalisation), so the gradient is computed IN FORWARD chunk by chunk, as Liger-Kernel
+  does for cross-entropy, and backward only scales it. Cost: 3 GEMMs (6 N H V/tp FLOPs), the ideal.
+
+Vocabulary parallelism: the returned/accumulated hidden-state gradient is this rank's partial sum (its
+vocabulary shard's contribution), exactly as for ``hidden @ weight_shard.T``; sum it over the TP group where
+the hidden states enter the TP region (``adapter.copy_to_tp_region``, Megatron's
+``copy_to_tensor_model_parallel_region``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.loss import chunked
+from megatron_opd.loss.chunked import Backend
+from megatron_opd.loss.reference import opd_loss
+
+
+def _operand(x: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """GEMM operand: half tensors stay half on CUDA (tensor cores); on CPU upcast once, not per chunk."""
+    if fp8 or x.is_cuda:
+        return x
+    return x.float()
+
+
+def _forward_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ids: torch.Tensor | None,
+    teacher: torch.Tensor | None,
+    *,
+    topk: int,
+    renormalize: bool,
+    vocab_start: int,
+    tp_group: dist.ProcessGroup | None,
+    chunk_size: int,
+    backend: Backend,
+    fp8: bool,
+    on_chunk=None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Run the chunk loop; returns (logp [N], kl [N] | None, ids [N, K] | None, s [N, K] | None, lse [N]).
+
+    ``on_chunk(sl, z, terms)`` (optional) is called with each chunk's logits while they are alive.
+    """
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    kl_parts, ids_parts, s_parts = [], [], []
+    for sl in chunked.chunks(n, chunk_size):
+        z = chunked.matmul_nt_fp32(hidden[sl], weight, fp8)
+        terms = chunked.chunk_forward(
+            z,
+            targets[sl],
+            None if ids is None else ids[sl],
+            None if teacher is None else teacher[sl],
+            topk=topk,
+            renormalize=renormalize,
+            vocab_start=vocab_start,
+            tp_group=tp_group,
+            backend=backend,
+        )
+        logp[sl], lse[sl] = terms.logp, terms.lse
+        if terms.ids is not None:
+            ids_parts.append(terms.ids)
+        if terms.kl is not None:
+            kl_parts.append(terms.kl)
+            s_parts.append(terms.s)
+        if on_chunk is not None:
+            on_chunk(sl, z, terms)
+        del z
+    cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+    return logp, cat(kl_parts), cat(ids_parts), cat(s_parts), lse
+
+
+class LinearOPDTerms(torch.autograd.Function):
+    """(hidden [N, H], weight [V/tp, H]) -> (logp [N] fp32, kl [N] fp32 or empty [0]); see module doc."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ids: torch.Tensor | None,
+        teacher: torch.Tensor | None,
+        topk: int,
+        renormalize: bool,
+        vocab_start: int,
+        tp_group: dist.ProcessGroup | None,
+        chunk_size: int,
+        backend: Backend,
+        fp8: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = _operand(hidden, fp8), _operand(weight, fp8)
+        logp, kl, ids_used, s, lse = _forward_chunks(
+            h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
+            tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8,
+        )  # fmt: skip
+        has_kl = kl is not None
+        ctx.save_for_backward(
+            hidden, weight, targets, lse,
+            *((ids_used, s, teacher) if has_kl else ()),
+        )  # fmt: skip
+        ctx.has_kl, ctx.renormalize, ctx.vocab_start = has_kl, renormalize, vocab_start
+        ctx.chunk_size, ctx.backend, ctx.fp8 = chunk_size, backend, fp8
+        if not has_kl:
+            kl = torch.empty(0, dtype=torch.float32, device=hidden.device)
+            ctx.mark_non_differentiable(kl)
+        return logp, kl
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: torch.Tensor | None, g_kl: torch.Tensor | None):  # type: ignore[override]
+        hidden, weight, targets, lse, *rest = ctx.saved_tensors
+        ids, s, teacher = rest if ctx.has_kl else (None, None, None)
+        n = hidden.shape[0]
+        g_logp = torch.zeros(n, device=hidden.device) if g_logp is None else g_logp.float()
+        g_s = None
+        if ctx.has_kl and g_kl is not None:
+            g_s = chunked.kl_grad(s, teacher, ctx.renormalize, g_kl)
+        h, w = _operand(hidden, ctx.fp8), _operand(weight, ctx.fp8)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for sl in chunked.chunks(n, ctx.chunk_size):
+            z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8)
+            chunked.logits_grad_(
+                z, lse[sl], targets[sl], g_logp[sl],
+                None if g_s is None else ids[sl], None if g_s is None else g_s[sl],
+                vocab_start=ctx.vocab_start, backend=ctx.backend,
+            )  # fmt: skip
+            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, ctx.fp8)
+            del z
+        return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype)) + (None,) * 10
+
+
+class LinearOPDLoss(torch.autograd.Function):
+    """(hidden [B*T, H], weight [V/tp, H]) -> (scalar loss, logp [B, T] detached, kl [B, T] detached or [0]).
+
+    The loss is ``reference.opd_loss`` of the per-token terms; gradients are computed in forward (module doc).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        ids: torch.Tensor | None,
+        teacher: torch.Tensor | None,
+        topk: int,
+        renormalize: bool,
+        vocab_start: int,
+        tp_group: dist.ProcessGroup | None,
+        chunk_size: int,
+        backend: Backend,
+        fp8: bool,
+        loss_kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = advantages.shape
+        has_kl = teacher is not None and (ids is not None or topk > 0)
+        # d loss / d (per-token terms): opd_loss is linear in them, so evaluate its gradient at zeros.
+        with torch.enable_grad():
+            lp0 = torch.zeros(shape, device=hidden.device, requires_grad=True)
+            kl0 = torch.zeros(shape, device=hidden.device, requires_grad=True) if has_kl else None
+            loss0 = opd_loss(lp0, advantages, mask, topk_kl=kl0, **loss_kwargs)
+            leaves = [lp0] + ([kl0] if has_kl else [])
+            coefs = torch.autograd.grad(loss0, leaves, allow_unused=True)
+        g_logp = coefs[0].reshape(-1)
+        g_kl = coefs[1].reshape(-1) if has_kl and coefs[1] is not None else None
+
+        h, w = _operand(hidden, fp8), _operand(weight, fp8)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+        def grad_in_forward(sl: slice, z: torch.Tensor, terms: chunked.ChunkTerms) -> None:
+            g_s = (
+                None
+                if (g_kl is None or terms.s is None)
+                else chunked.kl_grad(terms.s, teacher[sl], renormalize, g_kl[sl])
+            )
+            chunked.logits_grad_(
+                z,
+                terms.lse,
+                targets[sl],
+                g_logp[sl],
+                terms.ids,
+                g_s,
+                vocab_start=vocab_start,
+                backend=backend,
+            )
+            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, fp8)
+
+        logp, kl, _, _, _ = _forward_chunks(
+            h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
+            tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8, on_chunk=grad_in_forward,
+        )  # fmt: skip
+        logp = logp.reshape(shape)
+        kl = kl.reshape(shape) if kl is not None else None
+        loss = opd_loss(logp, advantages, mask, topk_kl=kl, **loss_kwargs)
+        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        kl_out = kl if kl is not None else torch.empty(0, device=hidden.device)
+        ctx.mark_non_differentiable(logp, kl_out)
+        return loss, logp, kl_out
+
+    @staticmethod
+    def backward(ctx: Any, g_loss: torch.Tensor, _g_logp: Any, _g_kl: Any):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * g_loss.to(grad_h.dtype), grad_w * g_loss.to(grad_w.dtype)) + (None,) * 13
