@@ -1,0 +1,118 @@
+"""What a user sees during a run: phase timers with a progress bar, console lines, TensorBoard and a jsonl log.
+
+Why it exists: OPD's cost story is told per phase (rollout, teacher, train, sync). Every step's scalars go to
+TensorBoard and to ``metrics.jsonl`` (one JSON object per step, the input of ``tools/plot_run.py``), and a
+short line goes to the console. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+PHASES = ("rollout", "teacher", "train", "sync")
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU (GiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class RunLogger:
+    """Per-step phase timing, progress display and metric sinks (rank 0 only)."""
+
+    def __init__(
+        self,
+        *,
+        log_dir: str | None,
+        tensorboard_dir: str | None,
+        enabled: bool,
+        progress_bar: bool = True,
+        total_steps: int | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.progress_bar = progress_bar and enabled and sys.stderr.isatty()
+        self.total_steps = total_steps
+        self.phase_seconds: dict[str, float] = {}
+        self._start = time.time()
+        self._writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(tensorboard_dir)
+
+    @contextmanager
+    def phase(self, name: str, step: int) -> Iterator[None]:
+        """Time one phase of a step; shows ``step k [rollout|teacher|train|sync]`` while it runs."""
+        if self.progress_bar:
+            done = PHASES.index(name) if name in PHASES else 0
+            bar = "#" * done + "." * (len(PHASES) - done)
+            total = f"/{self.total_steps}" if self.total_steps else ""
+            sys.stderr.write(f"\rstep {step}{total} [{bar}] {name:<8}")
+            sys.stderr.flush()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def log(self, step: int, scalars: dict[str, float], *, console_keys: tuple[str, ...] = ()) -> None:
+        """Write ``scalars`` (plus phase seconds, wall-clock and peak memory) for ``step``; reset the timers."""
+        if not self.enabled:
+            self.phase_seconds = {}
+            return
+        row = dict(scalars)
+        for name, sec in self.phase_seconds.items():
+            row[f"time/{name}_s"] = sec
+        row["time/step_s"] = sum(self.phase_seconds.values())
+        row["time/wall_clock_s"] = time.time() - self._start
+        row["memory/peak_gb"] = peak_memory_gb()
+        self.phase_seconds = {}
+        if self._writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._writer.add_scalar(k, v, step)
+            self._writer.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **row}, allow_nan=True) + "\n")
+            self._jsonl.flush()
+        if self.progress_bar:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+        keys = console_keys or tuple(k for k in row if k.startswith(("loss", "horizon/end", "time/step_s")))
+        parts = [f"{k}={_fmt(row[k])}" for k in keys if k in row]
+        print(f"step {step:>5} | " + " | ".join(parts), flush=True)
+
+    def text(self, message: str) -> None:
+        if self.enabled:
+            if self.progress_bar:
+                sys.stderr.write("\r" + " " * 60 + "\r")
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
