@@ -52,31 +52,36 @@ def _softmax_scale_kernel(z_ptr, stride_z, lse_ptr, coef_ptr, V, BLOCK_V: tl.con
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
-        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
         tl.store(base + offs, c * tl.exp(x - lse), mask=mask)
 
 
-def _block(v: int) -> int:
-    return min(_BLOCK_V, triton.next_power_of_2(v))
+def _block(v: int, block_v: int | None) -> int:
+    return triton.next_power_of_2(block_v) if block_v else min(_BLOCK_V, triton.next_power_of_2(v))
 
 
-def row_max_sumexp(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (max_v z, sum_v exp(z - max)) over this rank's vocabulary. z [C, V/tp] fp32 -> ([C], [C]) fp32."""
+def row_max_sumexp(z: torch.Tensor, block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (max_v z, sum_v exp(z - max)) over this rank's vocabulary. z [C, V/tp] fp32 -> ([C], [C]) fp32.
+
+    ``block_v``: vocabulary tile width (a power of two; default min(1024, V rounded up)).
+    """
     assert z.dim() == 2 and z.stride(-1) == 1, "logits chunk must be 2-D with contiguous rows"
     c, v = z.shape
     m = torch.empty(c, dtype=torch.float32, device=z.device)
     s = torch.empty(c, dtype=torch.float32, device=z.device)
     if c:
-        _row_max_sumexp_kernel[(c,)](z, z.stride(0), m, s, v, BLOCK_V=_block(v))
+        _row_max_sumexp_kernel[(c,)](z, z.stride(0), m, s, v, BLOCK_V=_block(v, block_v))
     return m, s
 
 
-def softmax_scale_(z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def softmax_scale_(
+    z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, block_v: int | None = None
+) -> torch.Tensor:
     """In place: z <- coef * exp(z - lse) per row. z [C, V/tp] fp32, lse [C], coef [C] -> z."""
     assert z.dim() == 2 and z.stride(-1) == 1 and z.dtype == torch.float32
     c, v = z.shape
     if c:
         lse = lse.float().contiguous()
         coef = coef.float().contiguous()
-        _softmax_scale_kernel[(c,)](z, z.stride(0), lse, coef, v, BLOCK_V=_block(v))
+        _softmax_scale_kernel[(c,)](z, z.stride(0), lse, coef, v, BLOCK_V=_block(v, block_v))
     return z
