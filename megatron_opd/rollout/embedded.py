@@ -1,0 +1,222 @@
+"""The embedded rollout engine: batched in-process sampling on the student's weights, the CPU default.
+
+Why it exists: a CPU run cannot afford an SGLang server per model, nor `transformers.generate`'s overheads; the
+CPU main job should be dominated by learning. This engine samples a whole batch at once with a preallocated KV
+cache (``rollout/decoder.py``), stops rows on EOS, and stops the loop when every row is done. It has the same
+semantics as the SGLang backend (``RolloutResult``): temperature-1 logprobs of each sampled token, "stop"/"length"
+finish reasons, the EOS token kept as the last response token.
+
+Reproducibility: each ``generate`` call draws from its own ``torch.Generator`` seeded with ``seed``, so the same
+call (same prompts, n, seed, weights) returns the same samples whatever ran before.
+
+Vocabulary padding: checkpoints often pad the embedding to a multiple of 64/128 rows beyond the tokenizer's
+vocabulary. Logits are sliced to ``vocab_size`` (the tokenizer's) before softmax, so a padded row is never sampled
+and never takes probability mass; logprobs are normalised over the real vocabulary. A trainer whose logits span the
+padded vocabulary must slice the same way for logprob parity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from megatron_opd.loss import reference
+from megatron_opd.rollout.decoder import Decoder, KVCache
+from megatron_opd.rollout.types import RolloutResult
+
+__all__ = ["EmbeddedEngine", "read_eos_token_ids", "read_tokenizer_vocab_size", "iter_named_tensors"]
+
+
+def read_eos_token_ids(path: str) -> list[int]:
+    """EOS ids of an HF directory: ``generation_config.json`` first, then ``config.json`` (int or list)."""
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(path, name)
+        if os.path.exists(f):
+            with open(f, encoding="utf-8") as fh:
+                eos = json.load(fh).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+def read_tokenizer_vocab_size(path: str) -> int | None:
+    """Number of ids the tokenizer can produce (``tokenizer.json`` via `tokenizers`), or None without one."""
+    f = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(f):
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(f).get_vocab_size(with_added_tokens=True)
+
+
+def iter_named_tensors(
+    named_or_buckets: Iterable[tuple[str, torch.Tensor]] | Iterable[list[tuple[str, torch.Tensor]]],
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Flatten either (name, tensor) pairs or buckets (lists of pairs) into pairs."""
+    for item in named_or_buckets:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            yield item
+        else:
+            yield from item
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row. logits [B, V] fp32 -> [B] int64. temperature 0 = greedy."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
+        return order.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class EmbeddedEngine:
+    """In-process ``RolloutEngine`` over a ``Decoder`` (see the module docstring for semantics).
+
+    ``max_batch_size`` bounds how many sequences share one KV cache (memory: 2 * layers * rows * kv_heads *
+    (prompt + max_new_tokens) * head_dim values); larger batches are run in consecutive chunks, each with its own
+    slice of the call's generator stream.
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        eos_token_ids: Sequence[int],
+        vocab_size: int | None = None,
+        pad_token_id: int = 0,
+        max_batch_size: int = 256,
+    ):
+        self.decoder = decoder
+        self.eos_token_ids = list(eos_token_ids)
+        self.vocab_size = vocab_size or decoder.cfg.vocab_size
+        if self.vocab_size > decoder.cfg.vocab_size:
+            raise ValueError(f"tokenizer vocab {self.vocab_size} > embedding rows {decoder.cfg.vocab_size}")
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def from_hf_dir(cls, path: str, *, dtype: torch.dtype = torch.float32, **kw) -> EmbeddedEngine:
+        kw.setdefault("eos_token_ids", read_eos_token_ids(path))
+        kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
+        return cls(Decoder.from_hf_dir(path, dtype=dtype), **kw)
+
+    def health(self) -> bool:
+        return True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterable[list]) -> float:
+        """Copy HF-named tensors (or buckets of them) into the decoder in place. Returns seconds taken."""
+        t0 = time.perf_counter()
+        self.decoder.load(
+            (n, t.to(device=self.decoder.device, dtype=self.decoder.dtype))
+            for n, t in iter_named_tensors(named_tensors)
+        )
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        topk: int = 0,
+    ) -> RolloutResult:
+        """Sample ``n`` responses per prompt, at most ``max_new_tokens`` each (the horizon H_k)."""
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}"
+            )
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        index = [i for i in range(len(prompts)) for _ in range(n)]
+        rows = [list(prompts[i]) for i in index]
+        gen = torch.Generator(device=self.decoder.device).manual_seed(seed)
+        out_ids: list[list[int]] = []
+        out_lp: list[list[float]] = []
+        out_fin: list[str] = []
+        out_topk: list[list[list[int]]] | None = [] if topk > 0 else None
+        for s in range(0, len(rows), self.max_batch_size):
+            ids, lps, fins, tks = self._generate_chunk(
+                rows[s : s + self.max_batch_size], max_new_tokens, temperature, top_p, gen, topk
+            )
+            out_ids += ids
+            out_lp += lps
+            out_fin += fins
+            if out_topk is not None:
+                out_topk += tks
+        return RolloutResult(
+            prompt_index=index,
+            prompt_ids=rows,
+            response_ids=out_ids,
+            logprobs=out_lp,
+            finish_reasons=out_fin,
+            topk_ids=out_topk,
+        )
+
+    def _generate_chunk(
+        self,
+        rows: list[list[int]],
+        max_new: int,
+        temperature: float,
+        top_p: float,
+        gen: torch.Generator,
+        topk: int,
+    ) -> tuple[list[list[int]], list[list[float]], list[str], list[list[list[int]]]]:
+        dev = self.decoder.device
+        B = len(rows)
+        lens = torch.tensor([len(r) for r in rows], device=dev)
+        Lp = int(lens.max())
+        # Left padding: every row's last prompt token sits at column Lp - 1, so one decode step serves all rows.
+        ids = torch.full((B, Lp), self.pad_token_id, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            ids[b, Lp - len(r) :] = torch.tensor(r, dtype=torch.long)
+        col = torch.arange(Lp, device=dev)[None, :]
+        pad = (Lp - lens)[:, None]
+        key_valid = torch.zeros((B, Lp + max_new), dtype=torch.bool, device=dev)
+        key_valid[:, :Lp] = col >= pad
+        positions = (col - pad).clamp(min=0)
+        cache = KVCache(self.decoder.cfg, B, Lp + max_new, self.decoder.dtype, dev)
+        hidden = self.decoder.forward(ids, positions, key_valid, cache, 0)[:, -1]
+        eos = torch.tensor(self.eos_token_ids or [-1], device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        length = torch.full((B,), max_new, dtype=torch.long, device=dev)
+        toks, lps, tks = [], [], []
+        for t in range(max_new):
+            logits = self.decoder.logits(hidden, self.vocab_size)  # [B, V] fp32, real vocabulary only
+            nxt = _sample(logits, temperature, top_p, gen)
+            toks.append(nxt)
+            lps.append(reference.token_logprobs(logits, nxt))
+            if topk > 0:
+                tks.append(reference.topk_ids(logits, topk))
+            stop_now = ~done & torch.isin(nxt, eos)
+            length = torch.where(stop_now, t + 1, length)
+            done |= stop_now
+            if bool(done.all()) or t == max_new - 1:
+                break
+            key_valid[:, Lp + t] = True
+            pos = (lens + t)[:, None]
+            hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t)[:, -1]
+        tok_m = torch.stack(toks, 1).tolist()
+        lp_m = torch.stack(lps, 1).tolist()
+        tk_m = torch.stack(tks, 1).tolist() if topk > 0 else None
+        lengths, stopped = length.tolist(), done.tolist()
+        out_ids = [tok_m[b][: lengths[b]] for b in range(B)]
+        out_lp = [lp_m[b][: lengths[b]] for b in range(B)]
+        fins = ["stop" if stopped[b] else "length" for b in range(B)]
+        out_tk = [tk_m[b][: lengths[b]] for b in range(B)] if tk_m is not None else []
+        return out_ids, out_lp, fins, out_tk
