@@ -1,0 +1,492 @@
+"""One OPD optimizer step of the student on Megatron-core: micro-batches -> loss -> gradients -> update.
+
+Why it exists: this is where the paper's objective meets Megatron's machinery. It runs Megatron's
+``get_forward_backward_func`` schedule (no pipelining, 1F1B, or interleaved) over a rank's micro-batches; on
+the last pipeline stage it turns the vocab-parallel output into per-token student logprobs and the OPD loss
+through ``megatron_opd.loss`` (the reference path on logits by default, or a fused LM-head path through
+``loss.adapter.opd_token_terms`` with ``impl=``); Megatron DDP reduces the gradients, the optimizer clips and
+steps, the LR scheduler advances.
+
+Normalisation. The loss is the GLOBAL batch's loss: every micro-batch divides its summed token losses by the
+global count (tokens or sequences, all-reduced over data-parallel ranks before the forward). Megatron's
+schedule divides each micro-batch loss by the number of micro-batches and DDP averages gradients over DP
+ranks; the step multiplies by both beforehand, so the gradient is exactly that of the global loss, for any
+split into micro-batches and ranks.
+
+Tokens outside the horizon window cost nothing: only the logits rows of distilled tokens enter the loss, and
+each micro-batch is cut to the window's end and padded only to its own real length. Vocabulary padding ids
+(>= the model's vocabulary) are masked out of the softmax, so logprobs match the unpadded HF model.
+
+A non-finite loss or gradient skips the update on every rank (weights, optimizer state and LR schedule
+unchanged) and says so in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core.optimizer.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+from megatron_opd.algorithms.advantage import opd_advantages
+from megatron_opd.config.tree import LossConfig
+from megatron_opd.loss import reference
+from megatron_opd.loss.metrics import position_sums
+from megatron_opd.training.batch import OPDBatch
+
+_PAD_LOGIT = -1e30  # finite (not -inf) so entropy-style p * z terms stay 0 instead of NaN
+
+
+@dataclass
+class StepResult:
+    """What one step did, identical on every rank.
+
+    ``position_*`` are indexed by absolute response position [0, window.end): the sums and counts that
+    ``HorizonSchedule.observe`` takes (signal 'log_ratio' is the sampled-token KL estimate -r_t, so pass
+    ``-position_log_ratio_sum``; signal 'kl' is ``position_topk_kl_sum``).
+    """
+
+    loss: float
+    grad_norm: float
+    lr: float
+    log_ratio_mean: float
+    topk_kl_mean: float
+    num_tokens: int
+    num_sequences: int
+    skipped: bool
+    skip_reason: str | None
+    position_log_ratio_sum: torch.Tensor
+    position_topk_kl_sum: torch.Tensor
+    position_count: torch.Tensor
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def scalars(self, prefix: str = "train") -> dict[str, float]:
+        """Flat scalars for logging."""
+        out = {
+            f"{prefix}/loss": self.loss,
+            f"{prefix}/grad_norm": self.grad_norm,
+            f"{prefix}/lr": self.lr,
+            f"{prefix}/log_ratio_mean": self.log_ratio_mean,
+            f"{prefix}/topk_kl_mean": self.topk_kl_mean,
+            f"{prefix}/tokens": float(self.num_tokens),
+            f"{prefix}/sequences": float(self.num_sequences),
+            f"{prefix}/skipped": float(self.skipped),
+        }
+        out.update({f"{prefix}/{k}": v for k, v in self.extra.items()})
+        return out
+
+
+@dataclass
+class _MicroBatch:
+    """A micro-batch prepared for the model and the loss (flat indices of its distilled tokens)."""
+
+    batch: OPDBatch
+    tokens: torch.Tensor  # [b, L] (L padded to a multiple of TP under sequence parallelism)
+    position_ids: torch.Tensor  # [b, L]
+    mask: torch.Tensor  # [b, R] distilled tokens
+    rows: torch.Tensor  # [N] sequence index of each distilled token
+    cols: torch.Tensor  # [N] response position of each distilled token
+    logit_pos: torch.Tensor  # [N] position in the sequence whose logits predict it
+    targets: torch.Tensor  # [N] its token id
+    topk_ids: torch.Tensor | None  # [N, K]
+    teacher_topk: torch.Tensor | None  # [N, K]
+
+
+def _prepare(
+    batch: OPDBatch, device: torch.device, *, whole_response: bool, seq_multiple: int
+) -> _MicroBatch:
+    if not whole_response:
+        batch = batch.trimmed_to_window()
+    mask = batch.response_mask()
+    if whole_response:
+        R = batch.teacher_logprobs.shape[1]
+        mask = torch.arange(R).unsqueeze(0) < batch.response_lengths.unsqueeze(1)
+    logit_pos, targets = batch.response_positions()
+    rows, cols = mask.nonzero(as_tuple=True)
+    tokens = batch.tokens
+    if tokens.shape[1] % seq_multiple:
+        pad = seq_multiple - tokens.shape[1] % seq_multiple
+        tokens = torch.nn.functional.pad(tokens, (0, pad))
+    B, L = tokens.shape
+    ids = tk = None
+    if batch.topk_ids is not None:
+        ids, tk = batch.topk_ids[rows, cols].to(device), batch.teacher_topk_logprobs[rows, cols].to(device)
+    return _MicroBatch(
+        batch=batch,
+        tokens=tokens.to(device),
+        position_ids=torch.arange(L, device=device).unsqueeze(0).expand(B, L).contiguous(),
+        mask=mask.to(device),
+        rows=rows.to(device),
+        cols=cols.to(device),
+        logit_pos=logit_pos[rows, cols].to(device),
+        targets=targets[rows, cols].to(device),
+        topk_ids=ids,
+        teacher_topk=tk,
+    )
+
+
+@contextlib.contextmanager
+def _hidden_states_only(core: torch.nn.Module) -> Iterator[None]:
+    """Make the last stage's GPTModel return its final (normed) hidden states [S, B, H] instead of logits."""
+    core.post_process = False
+    try:
+        yield
+    finally:
+        core.post_process = True
+
+
+def _lm_head_weight(core: torch.nn.Module) -> torch.Tensor:
+    if core.share_embeddings_and_output_weights:
+        return core.shared_embedding_or_output_weight()
+    return core.output_layer.weight
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+class TrainStep:
+    """Runs one optimizer step (or a forward-only logprob pass) over a rank's micro-batches.
+
+    Args:
+        model: this rank's model chunks, wrapped in Megatron DDP (``optimizer.setup_training``).
+        optimizer, scheduler: from ``optimizer.setup_training``.
+        loss_cfg: the objective (gamma, coefficients, normalisation).
+        vocab_size: the model's real vocabulary (``ModelConfig.vocab_size``); ids at or above it are padding.
+        impl: 'reference' (default: logits from Megatron's output layer, then ``loss.reference``) or a fused
+            LM-head path of ``loss.adapter`` ('chunked', 'triton', 'auto'); pass ``loss_cfg.impl`` to follow the
+            config.
+        chunk_size, fp8_lm_head: for the fused paths (``loss.adapter.opd_token_terms``).
+    """
+
+    def __init__(
+        self,
+        model: list[torch.nn.Module],
+        optimizer: MegatronOptimizer | None,
+        scheduler: OptimizerParamScheduler | None,
+        loss_cfg: LossConfig,
+        *,
+        vocab_size: int,
+        impl: str = "reference",
+        chunk_size: int = 1024,
+        fp8_lm_head: bool = False,
+    ) -> None:
+        if mpu.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("context parallelism is not supported by the OPD step yet (use CP = 1)")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_cfg = loss_cfg
+        self.vocab_size = vocab_size
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.fp8_lm_head = fp8_lm_head
+        self.config = get_model_config(model[0])
+        self.device = _device()
+        self.tp_group = mpu.get_tensor_model_parallel_group()
+        self.tp_rank = mpu.get_tensor_model_parallel_rank()
+        self._reset_accumulators(1)
+
+    # ------------------------------------------------------------------------------------------------
+    # per-token terms on the last stage
+    # ------------------------------------------------------------------------------------------------
+    def _vocab_start(self, local_vocab: int) -> int:
+        return self.tp_rank * local_vocab
+
+    def _mask_padding(self, rows: torch.Tensor, vocab_start: int) -> torch.Tensor:
+        """Padding ids out of the softmax: [N, V/tp] -> fp32 [N, V/tp]."""
+        rows = rows.float()
+        if vocab_start + rows.shape[-1] <= self.vocab_size:
+            return rows
+        ids = vocab_start + torch.arange(rows.shape[-1], device=rows.device)
+        return rows.masked_fill(ids >= self.vocab_size, _PAD_LOGIT)
+
+    def _terms_from_logits(
+        self, mb: _MicroBatch, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [b, L, V/tp] -> (logp [N], top-K KL [N] or None) through the reference path."""
+        vocab_start = self._vocab_start(logits.shape[-1])
+        rows = self._mask_padding(logits[mb.rows, mb.logit_pos], vocab_start)
+        logp, kl, _ = reference.opd_token_terms_from_logits(
+            rows,
+            mb.targets,
+            topk_ids_given=mb.topk_ids,
+            teacher_topk_logprobs=mb.teacher_topk,
+            renormalize=self.loss_cfg.topk_renormalize,
+            vocab_start=vocab_start,
+            tp_group=self.tp_group,
+        )
+        return logp, kl
+
+    def _terms_from_hidden(
+        self, mb: _MicroBatch, core: torch.nn.Module, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden [S, b, H] -> (logp [N], top-K KL [N] or None) through ``loss.adapter`` (fused LM head)."""
+        from megatron_opd.loss.adapter import copy_to_tp_region, opd_token_terms
+
+        weight = _lm_head_weight(core)
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+            rows = hidden.transpose(0, 1)[mb.rows, mb.logit_pos]
+        else:
+            rows = copy_to_tp_region(hidden.transpose(0, 1)[mb.rows, mb.logit_pos], self.tp_group)
+        vocab_start = self._vocab_start(weight.shape[0])
+        real = min(max(self.vocab_size - vocab_start, 0), weight.shape[0])
+        if real == 0:
+            raise NotImplementedError(
+                f"TP rank {self.tp_rank} holds only vocabulary padding; the fused LM-head paths need real rows on "
+                "every rank (use impl='reference' or a smaller make_vocab_size_divisible_by)"
+            )
+        weight = weight[:real]  # padding rows never enter the softmax (the fused paths take uneven shards)
+        return opd_token_terms(
+            rows,
+            weight,
+            mb.targets,
+            topk_ids=mb.topk_ids,
+            teacher_topk_logprobs=mb.teacher_topk,
+            renormalize=self.loss_cfg.topk_renormalize,
+            vocab_start=vocab_start,
+            tp_group=self.tp_group,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+            fp8=self.fp8_lm_head,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # the loss and its metrics
+    # ------------------------------------------------------------------------------------------------
+    def _reset_accumulators(self, positions: int) -> None:
+        f64 = dict(dtype=torch.float64, device=self.device)
+        # loss, log-ratio sum, KL sum, KL count, tokens, non-finite loss flag
+        self._acc = torch.zeros(6, **f64)
+        self._pos = torch.zeros(3, positions, **f64)  # log-ratio sum, KL sum, count
+        self._logprobs: list[torch.Tensor] = []
+
+    def _scatter(self, mb: _MicroBatch, values: torch.Tensor) -> torch.Tensor:
+        """[N] values of the distilled tokens -> [b, R] (zeros elsewhere), keeping the gradient."""
+        out = torch.zeros(mb.mask.shape, dtype=values.dtype, device=values.device)
+        return out.index_put((mb.rows, mb.cols), values)
+
+    def _loss(
+        self, mb: _MicroBatch, logp_flat: torch.Tensor, kl_flat: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.loss_cfg
+        logp = self._scatter(mb, logp_flat.float())
+        teacher = mb.batch.teacher_logprobs.to(self.device)
+        adv = opd_advantages(teacher, logp.detach(), mb.mask, cfg.gamma)
+        kl = None if kl_flat is None else self._scatter(mb, kl_flat.float())
+        loss = reference.opd_loss(
+            logp,
+            adv,
+            mb.mask,
+            topk_kl=kl,
+            pg_coef=cfg.pg_coef,
+            topk_kl_coef=cfg.topk_kl_coef,
+            normalization=cfg.normalization,
+            constant=cfg.normalization_constant,
+            num_tokens=self._global_tokens,
+            num_sequences=self._global_sequences,
+        )
+        with torch.no_grad():
+            r = (teacher - logp.detach()) * mb.mask
+            lr_sum, lr_cnt = position_sums(r, mb.mask)
+            n = lr_sum.shape[0]
+            self._pos[0, :n] += lr_sum
+            self._pos[2, :n] += lr_cnt
+            self._acc[1] += r.double().sum()
+            self._acc[4] += mb.mask.sum()
+            if kl is not None:
+                kl_sum, _ = position_sums(kl.detach(), mb.mask)
+                self._pos[1, :n] += kl_sum
+                self._acc[2] += kl_sum.sum()
+                self._acc[3] += mb.mask.sum()
+            self._acc[0] += loss.detach().double()
+            self._acc[5] += float(not torch.isfinite(loss.detach()))
+        # Megatron divides by the micro-batch count and DDP averages over DP ranks: undo both (module doc).
+        scale = self._num_microbatches * mpu.get_data_parallel_world_size()
+        return loss * scale, {"loss": loss.detach()}
+
+    def _loss_from_logits(self, mb: _MicroBatch, logits: torch.Tensor):
+        return self._loss(mb, *self._terms_from_logits(mb, logits))
+
+    def _loss_from_hidden(self, mb: _MicroBatch, core: torch.nn.Module, hidden: torch.Tensor):
+        return self._loss(mb, *self._terms_from_hidden(mb, core, hidden))
+
+    def _logprobs_only(self, mb: _MicroBatch, logits: torch.Tensor):
+        logp, _ = self._terms_from_logits(mb, logits)
+        self._logprobs.append(self._scatter(mb, logp.detach().float()))
+        return torch.zeros((), device=self.device), {}
+
+    # ------------------------------------------------------------------------------------------------
+    # Megatron's schedule
+    # ------------------------------------------------------------------------------------------------
+    def _forward_step(
+        self, data_iterator: Iterator[_MicroBatch], model: torch.nn.Module, *, forward_only: bool
+    ):
+        mb = next(data_iterator)
+        core = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
+        last = core.post_process
+        if last and not forward_only and self.impl != "reference":
+            with _hidden_states_only(core):
+                hidden = model(mb.tokens, mb.position_ids, None)
+            return hidden, partial(self._loss_from_hidden, mb, core)
+        out = model(mb.tokens, mb.position_ids, None)
+        return out, partial(self._logprobs_only if forward_only else self._loss_from_logits, mb)
+
+    def _run_schedule(self, micro: list[_MicroBatch], *, forward_only: bool) -> None:
+        self._num_microbatches = len(micro)
+        iters: Any = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+        get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, forward_only=forward_only),
+            data_iterator=iters,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro),
+            seq_length=max(m.tokens.shape[1] for m in micro),
+            micro_batch_size=micro[0].tokens.shape[0],
+            forward_only=forward_only,
+        )
+
+    def _reduce_metrics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum the last stage's accumulators over the pipeline (others hold zeros) and over DP ranks."""
+        acc, pos = self._acc.clone(), self._pos.clone()
+        for group in (mpu.get_pipeline_model_parallel_group(), mpu.get_data_parallel_group()):
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(acc, group=group)
+                dist.all_reduce(pos, group=group)
+        return acc, pos
+
+    def _grads_finite(self) -> bool:
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        for chunk in self.model:
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is None:
+                    g = p.grad
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    bad.fill_(1.0)
+                    break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def __call__(self, micro_batches: list[OPDBatch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches (gradient accumulation to the global batch)."""
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError(
+                "TrainStep was built without an optimizer/scheduler; use compute_logprobs only"
+            )
+        if not micro_batches:
+            raise ValueError("a step needs at least one micro-batch")
+        window = micro_batches[0].window
+        if any(b.window != window for b in micro_batches):
+            raise ValueError("all micro-batches of a step must share one horizon window")
+        counts = torch.tensor(
+            [
+                sum(b.num_distilled_tokens() for b in micro_batches),
+                sum(b.num_distilled_sequences() for b in micro_batches),
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        dist.all_reduce(counts, group=mpu.get_data_parallel_group())
+        self._global_tokens, self._global_sequences = float(counts[0]), float(counts[1])
+        seq_multiple = mpu.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        micro = [
+            _prepare(b, self.device, whole_response=False, seq_multiple=seq_multiple) for b in micro_batches
+        ]
+        self._reset_accumulators(window.end)
+
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self._run_schedule(micro, forward_only=False)
+        acc, pos = self._reduce_metrics()
+
+        skip_reason = None
+        if acc[5] > 0:
+            skip_reason = "non-finite loss"
+        elif not self._grads_finite():
+            skip_reason = "non-finite gradient"
+        grad_norm = float("nan")
+        if skip_reason is None:
+            ok, norm, _ = self.optimizer.step()
+            if norm is None:
+                norm = self.optimizer.get_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+            if not ok:
+                skip_reason = "optimizer reported an overflow"
+            elif not math.isfinite(grad_norm):
+                skip_reason = (
+                    "non-finite gradient norm"  # cannot happen after the checks above; kept explicit
+                )
+            else:
+                self.scheduler.step(increment=1)
+        tokens = int(acc[4])
+        return StepResult(
+            loss=float(acc[0]),
+            grad_norm=grad_norm,
+            lr=lr,
+            log_ratio_mean=float(acc[1] / acc[4]) if acc[4] > 0 else float("nan"),
+            topk_kl_mean=float(acc[2] / acc[3]) if acc[3] > 0 else float("nan"),
+            num_tokens=tokens,
+            num_sequences=int(self._global_sequences),
+            skipped=skip_reason is not None,
+            skip_reason=skip_reason,
+            position_log_ratio_sum=pos[0].cpu(),
+            position_topk_kl_sum=pos[1].cpu(),
+            position_count=pos[2].cpu(),
+        )
+
+    @torch.no_grad()
+    def compute_logprobs(self, batches: list[OPDBatch]) -> list[torch.Tensor]:
+        """Forward only: the trainer's log p of every response token (whole responses, not just the window).
+
+        Returns one [b, R] float32 tensor per batch (zeros past each response's end), on every rank.
+        """
+        seq_multiple = mpu.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        micro = [_prepare(b, self.device, whole_response=True, seq_multiple=seq_multiple) for b in batches]
+        self._reset_accumulators(1)
+        for chunk in self.model:
+            chunk.eval()
+        self._run_schedule(micro, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        out = (
+            self._logprobs
+            if self._logprobs
+            else [torch.zeros(m.mask.shape, device=self.device) for m in micro]
+        )
+        pp_group = mpu.get_pipeline_model_parallel_group()
+        if dist.get_world_size(pp_group) > 1:
+            src = mpu.get_pipeline_model_parallel_last_rank()
+            for t in out:
+                dist.broadcast(t, src=src, group=pp_group)
+        return [t.cpu() for t in out]
+
+
+def compute_logprobs(
+    model: list[torch.nn.Module],
+    batches: list[OPDBatch],
+    *,
+    vocab_size: int,
+    loss_cfg: LossConfig | None = None,
+) -> list[torch.Tensor]:
+    """Forward-only trainer logprobs of the rollout tokens: one [b, R] tensor per batch (see ``TrainStep``)."""
+    step = TrainStep(model, None, None, loss_cfg or LossConfig(), vocab_size=vocab_size)
+    return step.compute_logprobs(batches)
