@@ -410,6 +410,12 @@ class EvalConfig:
     """Response budget at evaluation; None means rollout.max_response_length (full rollouts, as the paper)."""
     max_problems: int | None = None
     """Evaluate on the first N problems of each set only (for quick checks)."""
+    at_start: bool = False
+    """Evaluate the student once before the first step (the 'before' number)."""
+    at_end: bool = True
+    """Evaluate the student after the last step (when any evaluation is configured)."""
+    eval_teacher: bool = False
+    """Also evaluate the teacher once at start, to print it next to the student."""
 
     def __post_init__(self) -> None:
         check_range("eval.eval_interval", self.eval_interval, 0)
@@ -426,6 +432,8 @@ class LoggingConfig:
 
     log_interval: int = 1
     """Print a metrics line every N steps."""
+    log_dir: str | None = None
+    """Where metrics.jsonl and the resolved config are written; None uses checkpoint.save (or writes none)."""
     tensorboard_dir: str | None = None
     """TensorBoard event directory; None puts it under checkpoint.save/tensorboard, or disables it."""
     progress_bar: bool = True
