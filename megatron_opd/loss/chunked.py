@@ -5,7 +5,8 @@ Why it exists: for 16,384 tokens and a 151,936-token vocabulary the fp32 logits 
 (``backend='torch'``) and the Triton path (``backend='triton'``, which swaps in two kernels from
 ``triton_kernels.py`` for the softmax statistics and the in-place logits gradient). Everything that is not
 the [chunk, V] softmax itself comes from ``reference.py`` (``gather_logits``, ``topk_ids``, ``topk_reverse_kl``,
-``log_partition``), so there is one statement of the math.
+``tp_max``/``tp_sum``), so there is one statement of the math; the log-partition is ``reference.log_partition``'s
+formula evaluated from per-row (max, sum-exp) pairs so that no second [chunk, V] block is allocated.
 
 The logits gradient, for a row with upstream gradients g_logp (on log p(y)) and g_s[k] (on the K student
 logprobs s_k = z[id_k] - lse that feed the top-K KL):
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.loss import fp8 as fp8_mm
-from megatron_opd.loss.reference import gather_logits, log_partition, topk_ids, topk_reverse_kl
+from megatron_opd.loss.reference import gather_logits, topk_ids, topk_reverse_kl, tp_max, tp_sum
 
 Backend = Literal["torch", "triton"]
 
@@ -80,12 +81,32 @@ class ChunkTerms:
     """[C] top-K reverse KL, or None."""
 
 
-def _lse_triton(z: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
-    from megatron_opd.loss.reference import tp_max, tp_sum
-    from megatron_opd.loss.triton_kernels import row_max_sumexp
+_ROWS = 64  # row sub-block of the torch backend's sum-exp: bounds its temporary to [64, V/tp]
 
-    m, s = row_max_sumexp(z)
-    # The same max-shifted combination as reference.log_partition, applied to per-rank (max, sum-exp) pairs.
+
+def _row_max_sumexp_torch(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (max, sum exp(z - max)) over the local vocabulary. z [C, V/tp] -> ([C], [C]).
+
+    Row sub-blocks keep the exp temporary at [64, V/tp] instead of a second and third [C, V/tp] block.
+    """
+    m = z.max(dim=-1).values
+    s = torch.empty_like(m)
+    for i in range(0, z.shape[0], _ROWS):
+        s[i : i + _ROWS] = torch.exp(z[i : i + _ROWS] - m[i : i + _ROWS, None]).sum(-1)
+    return m, s
+
+
+def chunk_log_partition(
+    z: torch.Tensor, tp_group: dist.ProcessGroup | None, backend: Backend
+) -> torch.Tensor:
+    """Global log-partition [C] of a logits chunk z [C, V/tp]: ``reference.log_partition``'s max-shifted
+    combination, applied to per-rank (max, sum-exp) pairs that are computed without extra [C, V] copies."""
+    if backend == "torch":
+        m, s = _row_max_sumexp_torch(z)
+    else:
+        from megatron_opd.loss.triton_kernels import row_max_sumexp
+
+        m, s = row_max_sumexp(z)
     gm = tp_max(m, tp_group)
     return gm + torch.log(tp_sum(s * torch.exp(m - gm), tp_group))
 
@@ -103,7 +124,7 @@ def chunk_forward(
     backend: Backend,
 ) -> ChunkTerms:
     """The token terms of one chunk from its fp32 logits z [C, V/tp] (as reference.opd_token_terms_from_logits)."""
-    lse = log_partition(z, tp_group) if backend == "torch" else _lse_triton(z, tp_group)
+    lse = chunk_log_partition(z, tp_group, backend)
     logp = gather_logits(z, targets.unsqueeze(-1), vocab_start, tp_group).squeeze(-1) - lse
     if ids is None and topk > 0:
         ids = topk_ids(z, topk, vocab_start, tp_group)

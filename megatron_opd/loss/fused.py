@@ -221,4 +221,9 @@ class LinearOPDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_loss: torch.Tensor, _g_logp: Any, _g_kl: Any):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * g_loss.to(grad_h.dtype), grad_w * g_loss.to(grad_w.dtype)) + (None,) * 13
+        # In place (as Liger does): a second [V/tp, H] buffer would be the largest allocation of this path.
+        # The stored gradient is used once; backward through this graph twice is not supported.
+        if not bool(g_loss == 1):
+            grad_h.mul_(g_loss.to(grad_h.dtype))
+            grad_w.mul_(g_loss.to(grad_w.dtype))
+        return (grad_h, grad_w) + (None,) * 13
