@@ -1,0 +1,102 @@
+"""The OPD training loop: ``torchrun -m megatron_opd.training.main --config run.yaml [--section.field value]``.
+
+Why it exists: this file is the method, readable top to bottom. At step k the horizon schedule gives the
+window H_k; the student samples rollouts cut there; the teacher scores them; Megatron takes one optimizer step
+on the token-level OPD loss inside the window; the new weights go to the rollout engine; then logging,
+evaluation and checkpoints. Everything else lives in ``training/run.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megatron_opd.config import ConfigError, parse_config
+from megatron_opd.training import run as R
+
+
+def train(argv: list[str] | None = None) -> dict[str, float]:
+    cfg = parse_config(argv, prog="megatron_opd.training.main")
+    run = R.setup_run(cfg)
+    log, evals = run.logger, {}
+    if cfg.eval.eval_teacher and run.start_step == 0:
+        evals.update(R.evaluate(run, 0, teacher=True))
+    if cfg.eval.at_start and run.start_step == 0:
+        evals.update(R.evaluate(run, 0))
+        log.log(0, evals)
+
+    for step in range(run.start_step, run.total_steps):
+        window = run.schedule.window(step)  # H_k: TOPD, POPD (Eq. 11), segment or adaptive
+        prompts = run.sampler.next_batch()
+
+        with log.phase("rollout", step):
+            rollouts = R.generate_rollouts(run, prompts, window, step)
+        with log.phase("teacher", step):
+            scores = R.score_rollouts(run, rollouts)
+        with log.phase("train", step):
+            micro_batches, stats = R.make_micro_batches(run, rollouts, scores, window)
+            result = run.train_step(micro_batches)
+        R.observe_horizon(run, step, result)
+        R.check_finite(run, step, result)
+        if not result.skipped:
+            with log.phase("sync", step):
+                stats["sync/seconds"] = R.sync_weights(run)
+
+        scalars = R.step_scalars(run, step, result, stats)
+        done = step + 1
+        if cfg.eval.eval_interval and done % cfg.eval.eval_interval == 0:
+            scalars.update(R.evaluate(run, done))
+        elif done == run.total_steps and cfg.eval.at_end and (cfg.eval.eval_interval or cfg.eval.at_start):
+            scalars.update(R.evaluate(run, done))
+        if (
+            step % cfg.logging.log_interval == 0
+            or done == run.total_steps
+            or any(k.startswith("eval") for k in scalars)
+        ):
+            log.log(done, scalars, console_keys=_CONSOLE)
+        run.history.append(scalars)
+        if cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0:
+            R.save(run, done)
+
+    if cfg.checkpoint.save and (
+        not cfg.checkpoint.save_interval or run.total_steps % cfg.checkpoint.save_interval
+    ):
+        R.save(run, run.total_steps)
+    log.close()
+    final = {**evals, **(run.history[-1] if run.history else {})}
+    _print_summary(run, evals, final)
+    return final
+
+
+_CONSOLE = (
+    "train/loss",
+    "train/log_ratio_mean",
+    "train/topk_kl_mean",
+    "horizon/end",
+    "rollout/response_length_mean",
+    "rollout/truncation_rate",
+    "time/step_s",
+)
+
+
+def _print_summary(run: R.Run, before: dict[str, float], after: dict[str, float]) -> None:
+    """The before/after accuracy next to the teacher's, the headline of a run."""
+    if not run.is_controller:
+        return
+    for key in sorted(k for k in after if k.startswith("eval/") and "/avg@" in k):
+        teacher = before.get(key.replace("eval/", "eval_teacher/", 1))
+        parts = [f"student before {before[key]:.3f}" if key in before else None, f"after {after[key]:.3f}"]
+        if teacher is not None:
+            parts.append(f"teacher {teacher:.3f}")
+        run.logger.text(f"{key}: " + ", ".join(p for p in parts if p))
+
+
+def main() -> None:
+    try:
+        train(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""The pieces of an OPD run that the loop in ``training/main.py`` strings together.
+
+Why it exists: the entry point should read as the loop (rollout, teacher, step, sync, log, evaluate, save);
+everything it needs is built and wired here once: the parallel layout, the Megatron student and its optimizer,
+the rollout engine and the teacher, the data sampler, the horizon schedule, logging and checkpoints.
+
+Placement. Rank 0 is the controller: it drives the rollout engine and the teacher (in-process, or clients of
+SGLang servers), then broadcasts the scored rollouts; every rank takes its data-parallel share, cut into
+micro-batches, for Megatron's schedule. After each optimizer step the student's weights are gathered in their
+HF names (TP shards joined, pipeline stages sent to rank 0) and loaded into the rollout engine, so the next
+rollouts are on-policy. Everything random is seeded from (train.seed, step), so a resumed run repeats an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+
+from megatron_opd.algorithms.horizon import (
+    HorizonSchedule,
+    HorizonWindow,
+    build_horizon_schedule,
+    schedule_summary,
+)
+from megatron_opd.config import ModelConfig, OPDConfig, dump_yaml
+from megatron_opd.config.base import ConfigError
+from megatron_opd.data.prompts import PromptDataset, load_train_dataset
+from megatron_opd.data.sampler import PromptBatch, PromptSampler
+from megatron_opd.data.tokenizer import load_tokenizer
+from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
+from megatron_opd.model.hf_conversion.live import iter_hf_weights, load_hf_weights
+from megatron_opd.parallel.state import ParallelInfo, initialize_parallel
+from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.types import RolloutResult
+from megatron_opd.teacher.scorer import TeacherScorer, TeacherScores
+from megatron_opd.teacher.vocab import check_teacher_student_vocab
+from megatron_opd.training import checkpoint as ckpt
+from megatron_opd.training.batch import OPDBatch
+from megatron_opd.training.logger import RunLogger
+from megatron_opd.training.optimizer import TrainingObjects, setup_training
+from megatron_opd.training.step import StepResult, TrainStep
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss or gradient; the run stops, the last checkpoint is intact."""
+
+
+@dataclass
+class Run:
+    """Everything a run holds. ``engine``/``teacher`` exist on rank 0 only."""
+
+    cfg: OPDConfig
+    info: ParallelInfo
+    model_cfg: ModelConfig
+    training: TrainingObjects
+    train_step: TrainStep
+    schedule: HorizonSchedule
+    dataset: PromptDataset
+    sampler: PromptSampler
+    tokenizer: Any
+    logger: RunLogger
+    total_steps: int
+    start_step: int = 0
+    engine: RolloutEngine | None = None
+    teacher: TeacherScorer | None = None
+    teacher_engine: RolloutEngine | None = None
+    nonfinite_streak: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def is_controller(self) -> bool:
+        return self.info.rank == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------------------------------------------
+def setup_run(cfg: OPDConfig) -> Run:
+    """Initialise the layout, build the student (from HF weights), optimizer, engines, data and schedule,
+    then resume from ``checkpoint.load`` if it holds a checkpoint."""
+    info = initialize_parallel(cfg.parallel, cfg.train.seed)
+    cfg.check_world_size(info.world_size)
+    if cfg.model.hf_path is None:
+        raise ConfigError(
+            "config key 'model.hf_path': a run needs the student's HF directory (weights + tokenizer)"
+        )
+    # The architecture comes from the checkpoint's config.json; how it is run comes from the model section.
+    model_cfg = model_config_from_hf(
+        cfg.model.hf_path,
+        params_dtype=cfg.model.params_dtype,
+        fp8=cfg.model.fp8,
+        transformer_impl=cfg.model.transformer_impl,
+        recompute_activations=cfg.model.recompute_activations,
+        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+    )
+    tokenizer = load_tokenizer(cfg.model.hf_path)
+    if cfg.teacher.hf_path is not None:
+        check_teacher_student_vocab(
+            cfg.model.hf_path, cfg.teacher.hf_path, cfg.teacher.allow_vocab_padding_mismatch
+        )
+
+    dataset = load_train_dataset(cfg.train, cfg.rollout, tokenizer)
+    sampler = PromptSampler(
+        len(dataset), cfg.train.global_batch_size, seed=cfg.train.seed, epochs=cfg.train.epochs
+    )
+    total = (
+        sampler.total_steps
+        if cfg.train.train_steps is None
+        else min(cfg.train.train_steps, sampler.total_steps)
+    )
+
+    chunks = build_model_chunks(model_cfg, sequence_parallel=cfg.parallel.sequence_parallel)
+    load_hf_weights(chunks, cfg.model.hf_path, model_cfg, tp_group=mpu.get_tensor_model_parallel_group())
+    training = setup_training(chunks, cfg.optimizer, total_steps=total)
+    train_step = TrainStep(
+        training.model,
+        training.optimizer,
+        training.scheduler,
+        cfg.loss,
+        # Sampling and scoring use the tokenizer's vocabulary; embedding rows past it (Qwen pads 151,665 to
+        # 151,936) are excluded from the trainer's softmax too, so all three normalise over the same tokens.
+        vocab_size=min(len(tokenizer), model_cfg.vocab_size),
+        impl=cfg.loss.impl,
+        chunk_size=cfg.loss.chunk_size,
+        fp8_lm_head=cfg.loss.fp8_lm_head,
+    )
+    schedule = build_horizon_schedule(cfg.horizon, cfg.rollout.max_response_length)
+    log_dir = cfg.logging.log_dir or cfg.checkpoint.save
+    tb_dir = cfg.logging.tensorboard_dir or (os.path.join(log_dir, "tensorboard") if log_dir else None)
+    run_logger = RunLogger(
+        log_dir=log_dir,
+        tensorboard_dir=tb_dir,
+        enabled=info.rank == 0,
+        progress_bar=cfg.logging.progress_bar,
+        total_steps=total,
+    )
+    run = Run(
+        cfg, info, model_cfg, training, train_step, schedule, dataset, sampler, tokenizer, run_logger, total
+    )
+    if info.rank == 0:
+        _build_engines(run)
+        if log_dir:
+            with open(os.path.join(log_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(dump_yaml(cfg))
+        run_logger.text(
+            f"megatron-opd: world {info.world_size} (TP {info.tp_size}, PP {info.pp_size}, DP {info.dp_size}, "
+            f"{info.backend}); {len(dataset)} prompts ({dataset.num_too_long} over max_prompt_length skipped); "
+            f"{total} steps; horizon {schedule_summary(cfg.horizon)}; loss impl {cfg.loss.impl}"
+        )
+    _resume(run)
+    sync_weights(run)  # the engine serves exactly the trainer's weights from the first rollout on
+    return run
+
+
+def _build_engines(run: Run) -> None:
+    cfg = run.cfg
+    # In-process engines run fp32 on CPU (logprob parity with the trainer); bf16 only where CUDA serves it.
+    engine_dtype = (
+        torch.bfloat16
+        if cfg.model.params_dtype == "bfloat16" and torch.cuda.is_available()
+        else torch.float32
+    )
+    run.engine = build_rollout_engine(
+        cfg.rollout,
+        hf_path=cfg.model.hf_path,
+        dtype=engine_dtype,
+        weight_sync_dir=os.path.join(cfg.checkpoint.save or ".", "weight_sync"),
+    )
+    run.teacher = build_teacher_scorer(
+        cfg.teacher,
+        dtype=engine_dtype,
+        max_concurrency=cfg.rollout.max_concurrency,
+        request_timeout_s=cfg.rollout.request_timeout_s,
+        max_retries=cfg.rollout.max_retries,
+    )
+    if cfg.eval.eval_teacher and cfg.teacher.backend == "embedded":
+        from megatron_opd.rollout.embedded import EmbeddedEngine
+
+        run.teacher_engine = EmbeddedEngine.from_hf_dir(cfg.teacher.hf_path, dtype=engine_dtype)
+
+
+def _resume(run: Run) -> None:
+    cfg = run.cfg
+    if not cfg.checkpoint.load:
+        return
+    state = ckpt.load_checkpoint(
+        cfg.checkpoint.load,
+        run.training.model,
+        run.training.optimizer,
+        run.training.scheduler,
+        load_optimizer=cfg.checkpoint.load_optimizer,
+    )
+    if state is None:
+        run.logger.text(f"no checkpoint under {cfg.checkpoint.load}: starting from the initial weights")
+        return
+    trainer = state["trainer"]
+    run.sampler.load_state_dict(trainer["sampler"])
+    run.schedule.load_state_dict(trainer["horizon"])
+    run.start_step = int(state["iteration"])
+    run.nonfinite_streak = int(trainer.get("nonfinite_streak", 0))
+    run.logger.text(f"resumed from {cfg.checkpoint.load} at step {run.start_step}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the phases of a step
+# ----------------------------------------------------------------------------------------------------------
+def _wants_student_topk(cfg: OPDConfig) -> bool:
+    return cfg.loss.topk_kl_coef > 0 and cfg.teacher.topk > 0 and cfg.teacher.topk_strategy == "student"
+
+
+def generate_rollouts(
+    run: Run, prompts: PromptBatch, window: HorizonWindow, step: int
+) -> RolloutResult | None:
+    """Rank 0: ``n_samples_per_prompt`` rollouts per prompt, cut at the horizon's generation length."""
+    if not run.is_controller:
+        return None
+    cfg = run.cfg
+    result = run.engine.generate(
+        [run.dataset[i].prompt_ids for i in prompts.indices],
+        n=cfg.train.n_samples_per_prompt,
+        max_new_tokens=window.generate,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        seed=cfg.train.seed * 1_000_003 + step,
+        topk=cfg.teacher.topk if _wants_student_topk(cfg) else 0,
+    )
+    result.validate()
+    return result
+
+
+def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | None:
+    """Rank 0: the teacher's logprobs of every response token (and top-K terms when the loss uses them)."""
+    if not run.is_controller:
+        return None
+    cfg = run.cfg
+    topk = cfg.teacher.topk if cfg.loss.topk_kl_coef > 0 else 0
+    return run.teacher.score(
+        rollouts.prompt_ids,
+        rollouts.response_ids,
+        topk=topk,
+        strategy=cfg.teacher.topk_strategy,
+        student_topk_ids=rollouts.topk_ids if topk and cfg.teacher.topk_strategy == "student" else None,
+    )
+
+
+def make_micro_batches(
+    run: Run, rollouts: RolloutResult | None, scores: TeacherScores | None, window: HorizonWindow
+) -> tuple[list[OPDBatch], dict[str, float]]:
+    """Broadcast rank 0's scored rollouts; return this rank's micro-batches and rollout statistics."""
+    payload: list[Any] = [None]
+    if run.is_controller:
+        use_topk = scores.topk_ids is not None
+        payload[0] = {
+            "prompts": rollouts.prompt_ids,
+            "responses": rollouts.response_ids,
+            "teacher": scores.logprobs,
+            "topk_ids": scores.topk_ids if use_topk else None,
+            "topk_lp": scores.topk_logprobs if use_topk else None,
+            "stats": rollout_stats(rollouts, window),
+        }
+    if run.info.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    p = payload[0]
+    batch = OPDBatch.from_lists(
+        p["prompts"],
+        p["responses"],
+        p["teacher"],
+        window,
+        topk_ids=p["topk_ids"],
+        teacher_topk_logprobs=p["topk_lp"],
+        pad_id=run.tokenizer.pad_token_id or 0,
+    )
+    local = batch.shard(run.info.dp_rank, run.info.dp_size)
+    return local.split(local.size // run.cfg.train.micro_batch_size), p["stats"]
+
+
+def rollout_stats(rollouts: RolloutResult, window: HorizonWindow) -> dict[str, float]:
+    """Response lengths and how often the horizon (rather than EOS) ended a response."""
+    lengths = [len(r) for r in rollouts.response_ids]
+    cut = sum(reason == "length" for reason in rollouts.finish_reasons)
+    return {
+        "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
+        "rollout/response_length_max": float(max(lengths, default=0)),
+        "rollout/truncation_rate": cut / max(len(lengths), 1),
+        "rollout/generated_tokens": float(sum(lengths)),
+        "rollout/distilled_window": float(window.length),
+    }
+
+
+def observe_horizon(run: Run, step: int, result: StepResult) -> None:
+    """Feed the step's per-position signal to the schedule (only the adaptive one uses it)."""
+    if result.skipped:
+        return
+    if run.cfg.horizon.adaptive_signal == "kl" and run.cfg.loss.topk_kl_coef > 0:
+        signal = result.position_topk_kl_sum
+    else:
+        signal = -result.position_log_ratio_sum  # the k1 estimate of KL(student || teacher) per token
+    run.schedule.observe(step, signal, result.position_count)
+
+
+def check_finite(run: Run, step: int, result: StepResult) -> None:
+    """Count consecutive skipped (non-finite) steps; stop with a clear message after too many."""
+    if not result.skipped:
+        run.nonfinite_streak = 0
+        return
+    run.nonfinite_streak += 1
+    limit = run.cfg.train.max_consecutive_nonfinite_steps
+    run.logger.text(f"step {step}: skipped ({result.skip_reason}); {run.nonfinite_streak}/{limit} in a row")
+    if run.nonfinite_streak >= limit:
+        raise NonFiniteError(
+            f"{limit} consecutive steps had a {result.skip_reason} (last at step {step}); weights were not updated "
+            "by any of them and no checkpoint was written from them. Lower optimizer.lr, check the teacher's "
+            "logprobs and the data, then resume with --checkpoint.load from the last checkpoint."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weights, evaluation, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def gather_hf_weights(run: Run) -> list[tuple[str, torch.Tensor]] | None:
+    """The student's full weights in HF names on rank 0 (None elsewhere). Collective over all ranks."""
+    model_cfg = run.model_cfg
+    mine: list[tuple[str, torch.Tensor]] = []
+    if run.info.dp_rank == 0:
+        for name, tensor in iter_hf_weights(
+            run.training.model, model_cfg, tp_group=mpu.get_tensor_model_parallel_group()
+        ):
+            if run.info.tp_rank == 0:
+                mine.append((name, tensor.detach().to("cpu", copy=True)))
+    if run.info.pp_size == 1:
+        return mine if run.is_controller else None
+    parts: list[Any] = [None] * run.info.world_size
+    dist.all_gather_object(parts, mine)
+    return [pair for part in parts for pair in part] if run.is_controller else None
+
+
+def sync_weights(run: Run) -> float:
+    """Load the trainer's current weights into the rollout engine; returns seconds (rank 0) or 0."""
+    weights = gather_hf_weights(run)
+    if not run.is_controller:
+        return 0.0
+    return run.engine.update_weights(weights)
+
+
+def evaluate(run: Run, step: int, *, teacher: bool = False) -> dict[str, float]:
+    """Full-rollout evaluation on rank 0 with the configured sets; scalars for the logs."""
+    if not run.is_controller or not run.cfg.eval.datasets:
+        return {}
+    from megatron_opd.eval.evaluator import evaluate_sets
+
+    engine = run.teacher_engine if teacher else run.engine
+    cfg = run.cfg
+    results = evaluate_sets(
+        cfg.eval,
+        engine.generate,
+        run.tokenizer,
+        max_response_length=cfg.rollout.max_response_length,
+        seed=cfg.train.seed + 17 * step,
+        apply_chat_template=cfg.train.apply_chat_template,
+    )
+    out: dict[str, float] = {}
+    for res in results.values():
+        out.update(res.metrics("eval_teacher" if teacher else "eval"))
+    who = "teacher" if teacher else "student"
+    summary = ", ".join(f"{name} avg@{r.n_samples} {r.avg:.3f}" for name, r in results.items())
+    run.logger.text(f"eval ({who}, step {step}): {summary}")
+    return out
+
+
+def save(run: Run, iteration: int) -> str | None:
+    """A complete checkpoint after ``iteration`` steps (collective)."""
+    root = run.cfg.checkpoint.save
+    if not root:
+        return None
+    trainer_state = {
+        "sampler": run.sampler.state_dict(),
+        "horizon": run.schedule.state_dict(),
+        "nonfinite_streak": run.nonfinite_streak,
+    }
+    path = ckpt.save_checkpoint(
+        root,
+        iteration,
+        run.training.model,
+        run.training.optimizer,
+        run.training.scheduler,
+        trainer_state,
+        keep_last=run.cfg.checkpoint.keep_last,
+    )
+    run.logger.text(f"saved {path}")
+    return path
+
+
+def step_scalars(run: Run, step: int, result: StepResult, stats: dict[str, float]) -> dict[str, float]:
+    """The step's scalars: train metrics, rollout statistics, horizon state and throughput."""
+    out = {**result.scalars(), **stats, **run.schedule.describe(step)}
+    secs = run.logger.phase_seconds
+    for phase, key in (("rollout", "rollout/generated_tokens"), ("train", "train/tokens")):
+        if secs.get(phase, 0) > 0 and key in out:
+            out[f"throughput/{phase}_tokens_per_s"] = out[key] / secs[phase]
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not math.isnan(v)}
