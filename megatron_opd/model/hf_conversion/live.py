@@ -75,11 +75,18 @@ def _rule_index(model_cfg: ModelConfig) -> dict[str, A.Rule]:
     return dict(A.iter_rules_by_megatron(A.decoder_rules(model_cfg)))
 
 
-def _lookup(rules: dict[str, A.Rule], name: str, model_cfg: ModelConfig) -> A.Rule | None:
+_TIED_OUTPUT = A.Rule("output_layer.weight", ("model.embed_tokens.weight",), "vocab", 0)
+
+
+def _lookup(
+    rules: dict[str, A.Rule], name: str, model_cfg: ModelConfig, *, loading: bool = False
+) -> A.Rule | None:
     if name in rules:
         return rules[name]
     if name == "output_layer.weight" and not model_cfg.untie_embeddings_and_output_weights:
-        return None  # the last stage's copy of the tied embedding: HF has no lm_head
+        # With PP > 1 the last stage holds its own copy of the tied embedding (Megatron keeps it in sync). HF
+        # has no lm_head: loading fills the copy from embed_tokens, exporting skips it.
+        return _TIED_OUTPUT if loading else None
     raise A.ConversionError(
         f"Megatron parameter {name!r} has no Hugging Face counterpart for architecture {model_cfg.architecture!r}"
     )
@@ -172,7 +179,7 @@ def load_hf_weights(
     for chunk in model_chunks:
         params = list(_global_params(chunk))
         for name, param in params if progress is None else progress(params):
-            rule = _lookup(rules, name, model_cfg)
+            rule = _lookup(rules, name, model_cfg, loading=True)
             if rule is None:
                 continue
             missing = [n for n in rule.hf if n not in reader]
