@@ -65,7 +65,8 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str]]) -> dict:
         if rank == 0:
             os.makedirs(resaved, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save({"model": chunks[0].sharded_state_dict()}, resaved)
+        # Nested as the trainer's checkpoints are (training/checkpoint.py): the tensor keys do not change.
+        dist_checkpointing.save({"model": {"chunk0": chunks[0].sharded_state_dict()}}, resaved)
         emb = params.get("embedding.word_embeddings.weight")
         out[kind] = {
             "weights": weights,

@@ -8,6 +8,7 @@ The TP=2/PP=2 load of the same checkpoints is in ``tests/distributed/test_hf_con
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -135,3 +136,33 @@ def test_failures_are_clear_and_leave_no_output(tmp_path) -> None:
         megatron_to_hf(tmp_path / "out", tmp_path / "hf_out", progress=False)
     with pytest.raises(ConversionError, match="tensor-parallel size 3 does not divide num_attention_heads"):
         hf_to_megatron(hf, tmp_path / "out2", target_tp=3, progress=False)
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_tools_round_trip(tmp_path) -> None:
+    """The two thin tools, run in-process, give the same checkpoint back (one architecture is enough)."""
+    hf_dir = tmp_path / "hf"
+    make_tiny_hf("llama", hf_dir)
+    _tool("convert_hf_to_megatron").main(
+        [
+            "--hf-dir",
+            str(hf_dir),
+            "--out",
+            str(tmp_path / "m"),
+            "--make-vocab-size-divisible-by",
+            "32",
+            "--no-progress",
+        ]
+    )
+    _tool("convert_megatron_to_hf").main(
+        ["--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "h"), "--dtype", "float32", "--no-progress"]
+    )
+    src, out = HFCheckpointReader(hf_dir), HFCheckpointReader(tmp_path / "h")
+    assert sorted(src.names()) == sorted(out.names())
+    assert all(torch.equal(src.get(n), out.get(n)) for n in src.names())
