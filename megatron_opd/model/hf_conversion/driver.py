@@ -173,7 +173,9 @@ def read_metadata(ckpt_dir: str | os.PathLike[str]) -> ModelConfig | None:
     for d in (Path(ckpt_dir), Path(ckpt_dir).parent):
         path = d / METADATA_NAME
         if path.is_file():
-            return ModelConfig(**json.loads(path.read_text())["model"])
+            stored = json.loads(path.read_text())["model"]
+            known = {f.name for f in dataclasses.fields(ModelConfig)}  # tolerate fields added/removed since
+            return ModelConfig(**{k: v for k, v in stored.items() if k in known})
     return None
 
 
