@@ -8,7 +8,8 @@ its gradients on hidden and weight):
 - naive:         logits = hidden @ W^T in fp32 (all N x V of them), then ``reference.py`` (impl='reference').
 - chunked/terms: ``adapter.opd_token_terms(impl='chunked')`` + ``reference.opd_loss`` (recompute in backward).
 - chunked/loss:  ``adapter.opd_loss_fused(impl='chunked')`` (gradient computed in forward).
-- triton/...:    the same two with the Triton kernels (CUDA only), and triton/loss+fp8 (FP8 GEMMs).
+- triton/...:    the same two with the Triton kernels (CUDA only); triton/loss+fp8 runs the two gradient GEMMs
+                 in FP8, triton/loss+fp8all also the logits GEMM.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus what was allocated before the case (inputs). On
 CPU, torch's allocations are invisible to tracemalloc, so each case runs in its own subprocess and reports
@@ -67,7 +68,7 @@ def _step(case: str, chunk: int, hidden, weight, targets, ids, teacher, adv, mas
     if variant.startswith("loss"):
         loss, lp = adapter.opd_loss_fused(
             h, w, targets, adv, mask, topk_ids=ids, teacher_topk_logprobs=teacher, impl=impl, chunk_size=chunk,
-            fp8=variant.endswith("fp8"), **loss_kw,
+            fp8="fp8" in variant, fp8_forward=variant.endswith("fp8all"), **loss_kw,
         )  # fmt: skip
     else:
         lp, kl = adapter.opd_token_terms(
@@ -122,13 +123,16 @@ def run_case(case: str, n: int, h: int, v: int, chunk: int, reps: int, device: s
     return {"case": case, "chunk": chunk, "peak_bytes": peak, "time_s": statistics.median(times or [first])}
 
 
-def fp8_max_dlogp(n: int, h: int, v: int, chunk: int) -> float:
-    """max |log p(fp8 path) - log p(fp32 reference)| on the bench inputs (CUDA)."""
+def fp8_dlogp(n: int, h: int, v: int, chunk: int, fp8_forward: bool) -> tuple[float, float]:
+    """(max, mean) |log p(fp8 path) - log p(fp32 reference)| on the bench inputs (CUDA)."""
     hidden, weight, targets, *_ = _inputs(n, h, v, torch.bfloat16, "cuda")
     with torch.no_grad():
         ref, _ = adapter.opd_token_terms(hidden, weight, targets, impl="reference")
-        got, _ = adapter.opd_token_terms(hidden, weight, targets, impl="triton", chunk_size=chunk, fp8=True)
-    return (got - ref).abs().max().item()
+        got, _ = adapter.opd_token_terms(
+            hidden, weight, targets, impl="triton", chunk_size=chunk, fp8=True, fp8_forward=fp8_forward
+        )
+    d = (got - ref).abs()
+    return d.max().item(), d.mean().item()
 
 
 def _run_in_subprocess(case: str, n: int, h: int, v: int, chunk: int, reps: int) -> dict:
@@ -193,7 +197,7 @@ def main() -> None:
         cases.append((f"{impl}/terms", a.chunk_sizes[0]))
         cases += [(f"{impl}/loss", c) for c in a.chunk_sizes]
     if gpu:
-        cases.append(("triton/loss+fp8", a.chunk_sizes[0]))
+        cases += [("triton/loss+fp8", a.chunk_sizes[0]), ("triton/loss+fp8all", a.chunk_sizes[0])]
 
     if gpu:
         device = torch.cuda.get_device_name()
@@ -226,8 +230,11 @@ def main() -> None:
                 torch.cuda.empty_cache()
         report.append(_table(rows, n, h, v, gpu))
         if gpu:
-            d = fp8_max_dlogp(n, h, v, a.chunk_sizes[0])
-            report.append(f"FP8 (per-row e4m3): max |delta log p| vs fp32 reference = {d:.4f}\n")
+            for fwd in (False, True):
+                mx, mean = fp8_dlogp(n, h, v, a.chunk_sizes[0], fwd)
+                name = "fp8all (logits in FP8 too)" if fwd else "fp8 (gradient GEMMs only)"
+                report.append(f"{name}: |delta log p| vs fp32 reference: max {mx:.4f}, mean {mean:.4f}\n")
+            torch.cuda.empty_cache()
     text = "\n".join(report)
     print(text)
     if a.out:

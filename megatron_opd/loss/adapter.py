@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from megatron_opd.loss.fp8 import Fp8Mode
 from megatron_opd.loss.fused import LinearOPDLoss, LinearOPDTerms
 from megatron_opd.loss.reference import Normalization, opd_loss, opd_token_terms_from_logits
 
@@ -73,6 +74,12 @@ def copy_to_tp_region(hidden: torch.Tensor, tp_group: dist.ProcessGroup | None) 
     return _CopyToTPRegion.apply(hidden, tp_group)
 
 
+def _fp8_mode(fp8: bool, fp8_forward: bool) -> Fp8Mode:
+    if fp8_forward and not fp8:
+        raise ValueError("fp8_forward=True needs fp8=True")
+    return "all" if fp8_forward else "grads" if fp8 else "off"
+
+
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, fp8: bool, impl: str) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -98,6 +105,7 @@ def opd_token_terms(
     impl: Impl = "auto",
     chunk_size: int = 1024,
     fp8: bool = False,
+    fp8_forward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Student per-token terms straight from the LM head, without the [N, V] logits (except impl='reference').
 
@@ -114,12 +122,16 @@ def opd_token_terms(
         tp_group: vocabulary-parallel group (None: unsharded).
         impl: 'auto' | 'reference' | 'chunked' | 'triton' (module doc).
         chunk_size: tokens per chunk for chunked/triton.
-        fp8: run the LM-head GEMMs in FP8 with per-row scales (``fp8.py``; chunked/triton only).
+        fp8: run the two gradient GEMMs of the LM head in FP8 with per-row scales (``fp8.py``; chunked/triton
+            only); the logits, and so both outputs, keep bf16-input/fp32 accuracy.
+        fp8_forward: with ``fp8``, also compute the logits in FP8 (faster, but e4m3 logits move log p by
+            ~0.1 at H = 1536; see tests/gpu/test_loss_gpu.py).
     Returns:
         (logprobs [N] fp32, top-K reverse KL [N] fp32 or None); both carry gradients to hidden and weight.
     """
     impl_r = resolve_impl(impl, hidden.device)
     _check(hidden, weight, targets, fp8, impl_r)
+    fp8_mode = _fp8_mode(fp8, fp8_forward)
     if impl_r == "reference":
         logits = torch.mm(hidden.float(), weight.float().t())
         logp, kl, _ = opd_token_terms_from_logits(
@@ -130,7 +142,7 @@ def opd_token_terms(
     backend = "torch" if impl_r == "chunked" else "triton"
     logp, kl = LinearOPDTerms.apply(
         hidden, weight, targets, topk_ids, teacher_topk_logprobs, topk, renormalize, vocab_start, tp_group,
-        chunk_size, backend, fp8,
+        chunk_size, backend, fp8_mode,
     )  # fmt: skip
     has_kl = teacher_topk_logprobs is not None and (topk_ids is not None or topk > 0)
     return logp, (kl if has_kl else None)
@@ -158,6 +170,7 @@ def opd_loss_fused(
     impl: Impl = "auto",
     chunk_size: int = 1024,
     fp8: bool = False,
+    fp8_forward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The OPD loss (``reference.opd_loss``) straight from the LM head, gradient computed during forward.
 
@@ -171,6 +184,7 @@ def opd_loss_fused(
     """
     impl_r = resolve_impl(impl, hidden.device)
     _check(hidden, weight, targets, fp8, impl_r)
+    fp8_mode = _fp8_mode(fp8, fp8_forward)
     if advantages.shape != mask.shape or advantages.numel() != hidden.shape[0]:
         raise ValueError(f"advantages and mask [B, T] with B*T = N expected, got {tuple(advantages.shape)}")
     kw = dict(
@@ -188,6 +202,6 @@ def opd_loss_fused(
     teacher = teacher_topk_logprobs if topk_kl_coef > 0 else None
     loss, logp, _ = LinearOPDLoss.apply(
         hidden, weight, targets, advantages, mask, topk_ids, teacher, topk, renormalize, vocab_start, tp_group,
-        chunk_size, backend, fp8, kw,
+        chunk_size, backend, fp8_mode, kw,
     )  # fmt: skip
     return loss, logp

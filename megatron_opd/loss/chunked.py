@@ -20,6 +20,7 @@ to its own shard: the one-hots land only where the id is local, and lse is alrea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,16 +36,39 @@ Backend = Literal["torch", "triton"]
 # ----------------------------------------------------------------------------------------------------------
 # GEMMs: bf16/fp16 inputs, fp32 accumulation and fp32 logits
 # ----------------------------------------------------------------------------------------------------------
+_MM_OUT_DTYPE_OK: bool | None = None  # does this torch build have CUDA mm(..., out_dtype=float32)?
+
+
+def _half_mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a @ b (CUDA, half operands) with an fp32 result from cuBLAS, or None where the build lacks it."""
+    global _MM_OUT_DTYPE_OK
+    if _MM_OUT_DTYPE_OK is False:
+        return None
+    try:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        _MM_OUT_DTYPE_OK = False
+        warnings.warn(
+            f"torch.mm(out_dtype=float32) unavailable ({e}); upcasting GEMM operands instead", stacklevel=2
+        )
+        return None
+    _MM_OUT_DTYPE_OK = True
+    return out
+
+
 def matmul_nt_fp32(a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch.Tensor:
     """a @ b^T with fp32 accumulation and an fp32 result. a [M, K], b [N, K] -> [M, N] fp32.
 
     On CUDA half inputs use cuBLAS' half-in/fp32-out GEMM (``torch.mm(..., out_dtype=float32)``) so the
-    logits are not rounded to bf16; elsewhere the operands are upcast. ``fp8`` routes through ``fp8.matmul_nt``.
+    logits are not rounded to bf16; elsewhere (or where that is missing) the operands are upcast.
+    ``fp8`` routes through ``fp8.matmul_nt``.
     """
     if fp8:
         return fp8_mm.matmul_nt(a, b)
     if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
-        return torch.mm(a, b.t(), out_dtype=torch.float32)
+        out = _half_mm_fp32(a, b.t())
+        if out is not None:
+            return out
     return torch.mm(a.float(), b.float().t())
 
 
@@ -56,10 +80,12 @@ def matmul_nn_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp8: boo
     """
     if fp8:
         out += fp8_mm.matmul_nt(a, b.t())
-    elif b.dtype in (torch.bfloat16, torch.float16) and b.is_cuda:
-        out += torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
-    else:
-        out.addmm_(a, b.float())
+        return
+    if b.dtype in (torch.bfloat16, torch.float16) and b.is_cuda:
+        prod = _half_mm_fp32(a.to(b.dtype), b)
+        out += prod if prod is not None else torch.mm(a.to(b.dtype), b).float()
+        return
+    out.addmm_(a, b.float())
 
 
 # ----------------------------------------------------------------------------------------------------------

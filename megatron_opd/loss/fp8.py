@@ -17,6 +17,10 @@ from typing import Literal
 import torch
 
 Scaling = Literal["row", "tensor"]
+Fp8Mode = Literal["off", "grads", "all"]
+"""Which LM-head GEMMs of the fused loss run in FP8: none; the two gradient GEMMs (d hidden = dz @ W,
+d W = dz^T @ h), keeping the logits and so log p, the KL and the loss at bf16-input/fp32 accuracy; or all three,
+including the logits (measured: e4m3 logits move log p by ~0.1 on average at H = 1536, see the test)."""
 
 FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -34,12 +38,11 @@ def _round_up(n: int) -> int:
 
 
 def quantize(x: torch.Tensor, scaling: Scaling = "row") -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (any float) -> (FP8 [M, K], fp32 scale [M, 1] or [] ) with x ~= q * scale."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if scaling == "row" else xf.abs().amax()
+    """x [M, K] (any float, any strides) -> (contiguous FP8 [M, K], fp32 scale [M, 1] or []), x ~= q * scale."""
+    amax = (x.abs().amax(dim=-1, keepdim=True) if scaling == "row" else x.abs().amax()).float()
     # An all-zero row gets scale 1 (its quantised values are zero anyway) instead of a division by zero.
     scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
-    q = (xf / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
+    q = (x.float() / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE).contiguous()
     return q, scale
 
 
@@ -50,6 +53,8 @@ def matmul_nt(
 
     Both operands are scaled along K (the contraction), so per-row scales factor out of the sum exactly.
     Dimensions are zero-padded to multiples of 16 (zeros change neither the sums nor the row scales).
+    On CUDA, row-wise scaled ``_scaled_mm`` only writes bf16, so the product is rounded to bf16 (2^-9
+    relative, far below the FP8 operand error of ~2^-5) before the cast to ``out_dtype``.
     """
     m, k = a.shape
     n = b.shape[0]
@@ -60,5 +65,6 @@ def matmul_nt(
         sb = sb.reshape(1, np_)
     else:
         sa, sb = sa.reshape(()), sb.reshape(())
-    out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
-    return out[:m, :n]
+    mm_dtype = torch.bfloat16 if (a.is_cuda and scaling == "row") else out_dtype
+    out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype)
+    return out[:m, :n].to(out_dtype)

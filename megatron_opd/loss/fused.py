@@ -12,6 +12,9 @@ LM-head weight, with different trade-offs.
   advantages, mask and normalisation), so the gradient is computed IN FORWARD chunk by chunk, as Liger-Kernel
   does for cross-entropy, and backward only scales it. Cost: 3 GEMMs (6 N H V/tp FLOPs), the ideal.
 
+FP8 (``fp8.Fp8Mode``): 'grads' runs d hidden and d weight in FP8, 'all' also the logits GEMM (forward and its
+recompute, so backward sees the same probabilities as forward).
+
 Vocabulary parallelism: the returned/accumulated hidden-state gradient is this rank's partial sum (its
 vocabulary shard's contribution), exactly as for ``hidden @ weight_shard.T``; sum it over the TP group where
 the hidden states enter the TP region (``adapter.copy_to_tp_region``, Megatron's
@@ -27,14 +30,13 @@ import torch.distributed as dist
 
 from megatron_opd.loss import chunked
 from megatron_opd.loss.chunked import Backend
+from megatron_opd.loss.fp8 import Fp8Mode
 from megatron_opd.loss.reference import opd_loss
 
 
-def _operand(x: torch.Tensor, fp8: bool) -> torch.Tensor:
+def _operand(x: torch.Tensor) -> torch.Tensor:
     """GEMM operand: half tensors stay half on CUDA (tensor cores); on CPU upcast once, not per chunk."""
-    if fp8 or x.is_cuda:
-        return x
-    return x.float()
+    return x if x.is_cuda else x.float()
 
 
 def _forward_chunks(
@@ -50,7 +52,7 @@ def _forward_chunks(
     tp_group: dist.ProcessGroup | None,
     chunk_size: int,
     backend: Backend,
-    fp8: bool,
+    fp8: Fp8Mode,
     on_chunk=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Run the chunk loop; returns (logp [N], kl [N] | None, ids [N, K] | None, s [N, K] | None, lse [N]).
@@ -62,7 +64,7 @@ def _forward_chunks(
     lse = torch.empty_like(logp)
     kl_parts, ids_parts, s_parts = [], [], []
     for sl in chunked.chunks(n, chunk_size):
-        z = chunked.matmul_nt_fp32(hidden[sl], weight, fp8)
+        z = chunked.matmul_nt_fp32(hidden[sl], weight, fp8 == "all")
         terms = chunked.chunk_forward(
             z,
             targets[sl],
@@ -104,9 +106,9 @@ class LinearOPDTerms(torch.autograd.Function):
         tp_group: dist.ProcessGroup | None,
         chunk_size: int,
         backend: Backend,
-        fp8: bool,
+        fp8: Fp8Mode,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = _operand(hidden, fp8), _operand(weight, fp8)
+        h, w = _operand(hidden), _operand(weight)
         logp, kl, ids_used, s, lse = _forward_chunks(
             h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
             tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8,
@@ -132,17 +134,17 @@ class LinearOPDTerms(torch.autograd.Function):
         g_s = None
         if ctx.has_kl and g_kl is not None:
             g_s = chunked.kl_grad(s, teacher, ctx.renormalize, g_kl)
-        h, w = _operand(hidden, ctx.fp8), _operand(weight, ctx.fp8)
+        h, w = _operand(hidden), _operand(weight)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for sl in chunked.chunks(n, ctx.chunk_size):
-            z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8)
+            z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8 == "all")
             chunked.logits_grad_(
                 z, lse[sl], targets[sl], g_logp[sl],
                 None if g_s is None else ids[sl], None if g_s is None else g_s[sl],
                 vocab_start=ctx.vocab_start, backend=ctx.backend,
             )  # fmt: skip
-            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, ctx.fp8)
+            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, ctx.fp8 != "off")
             del z
         return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype)) + (None,) * 10
 
@@ -169,7 +171,7 @@ class LinearOPDLoss(torch.autograd.Function):
         tp_group: dist.ProcessGroup | None,
         chunk_size: int,
         backend: Backend,
-        fp8: bool,
+        fp8: Fp8Mode,
         loss_kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = advantages.shape
@@ -184,7 +186,7 @@ class LinearOPDLoss(torch.autograd.Function):
         g_logp = coefs[0].reshape(-1)
         g_kl = coefs[1].reshape(-1) if has_kl and coefs[1] is not None else None
 
-        h, w = _operand(hidden, fp8), _operand(weight, fp8)
+        h, w = _operand(hidden), _operand(weight)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
@@ -204,7 +206,7 @@ class LinearOPDLoss(torch.autograd.Function):
                 vocab_start=vocab_start,
                 backend=backend,
             )
-            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, fp8)
+            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, fp8 != "off")
 
         logp, kl, _, _, _ = _forward_chunks(
             h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
