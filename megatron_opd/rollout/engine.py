@@ -1,0 +1,107 @@
+"""The rollout-engine interface, and the factories that build the configured student engine and teacher scorer.
+
+Why it exists: the training loop samples, syncs weights and scores through these two interfaces only, so the
+backend (in-process ``embedded`` on CPU, ``sglang`` servers at scale) is a config switch. The factories check at
+start-up that the backend can serve the configured top-K strategy, so a run never fails on it mid-way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+
+from megatron_opd.config.tree import RolloutConfig, TeacherConfig
+from megatron_opd.rollout.types import RolloutResult
+from megatron_opd.teacher.scorer import TeacherScorer
+
+__all__ = ["RolloutEngine", "build_rollout_engine", "build_teacher_scorer"]
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        topk: int = 0,
+    ) -> RolloutResult:
+        """``n`` samples per prompt of at most ``max_new_tokens`` (the horizon); see ``RolloutResult``."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable) -> float:
+        """Load HF-named (name, tensor) pairs, or buckets (lists) of them; flush caches. Returns seconds."""
+        ...
+
+    def health(self) -> bool: ...
+
+
+def _client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries: int):
+    from megatron_opd.rollout.sglang_client import SGLangClient
+
+    return SGLangClient(urls, max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries)
+
+
+def build_rollout_engine(
+    cfg: RolloutConfig,
+    *,
+    hf_path: str,
+    dtype: torch.dtype = torch.float32,
+    weight_sync_dir: str | None = None,
+    master_port: int | None = None,
+    master_address: str = "127.0.0.1",
+) -> RolloutEngine:
+    """The student engine of ``cfg.backend`` on the model at ``hf_path``.
+
+    sglang: servers at ``cfg.sglang_urls`` must already serve ``hf_path``; weight sync per ``cfg.weight_sync``
+    ('distributed' needs ``master_port``; 'disk' needs ``weight_sync_dir``), checked here rather than at the first
+    sync. The distributed group is formed lazily at the first sync (the trainer may not be ready before).
+    """
+    if cfg.backend == "embedded":
+        from megatron_opd.rollout.embedded import EmbeddedEngine
+
+        return EmbeddedEngine.from_hf_dir(hf_path, dtype=dtype)
+    from megatron_opd.rollout.sglang_engine import SGLangEngine
+    from megatron_opd.rollout.sglang_weights import DiskWeightSync, DistributedWeightSync
+
+    client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries)
+    if not client.health():
+        raise RuntimeError(f"SGLang rollout servers not healthy: {cfg.sglang_urls}")
+    if cfg.weight_sync == "distributed":
+        if master_port is None:
+            raise ValueError("rollout.weight_sync='distributed' needs a master_port for the sync group")
+        sync = DistributedWeightSync(client, master_address=master_address, master_port=master_port)
+    else:
+        if weight_sync_dir is None:
+            raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
+        sync = DiskWeightSync(client, hf_dir=hf_path, out_dir=weight_sync_dir)
+    return SGLangEngine(client, weight_sync=sync)
+
+
+def build_teacher_scorer(
+    cfg: TeacherConfig,
+    *,
+    hf_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_concurrency: int = 64,
+    request_timeout_s: float = 600.0,
+    max_retries: int = 3,
+) -> TeacherScorer:
+    """The teacher of ``cfg.backend``; sglang servers are probed now for ``cfg.topk`` / ``cfg.topk_strategy``."""
+    if cfg.backend == "embedded":
+        from megatron_opd.teacher.embedded import EmbeddedScorer
+
+        path = hf_path or cfg.hf_path
+        if path is None:
+            raise ValueError("teacher.backend='embedded' needs teacher.hf_path")
+        return EmbeddedScorer.from_hf_dir(path, dtype=dtype)
+    from megatron_opd.teacher.sglang_scorer import SGLangScorer
+
+    scorer = SGLangScorer(_client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries))
+    scorer.probe(cfg.topk, cfg.topk_strategy)
+    return scorer

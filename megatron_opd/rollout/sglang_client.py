@@ -1,0 +1,137 @@
+"""HTTP client for one or more SGLang servers: concurrency limit, timeouts, retries with backoff, all-or-nothing.
+
+Why it exists: rollouts and teacher scoring send thousands of independent requests per step. They must run many
+at a time, spread over servers (a client-side list; an ``sglang-router`` URL is just a one-element list), survive a
+transient failure by retrying elsewhere, and, when a server is really gone, fail the whole batch with an error
+naming the URL: a silently dropped or half-scored sample would bias the OPD gradient without a trace.
+
+Threads (not asyncio): the trainer is synchronous, `requests` is already a dependency, and the GIL is released
+while waiting on sockets, which is all these threads do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any
+
+import requests
+
+from megatron_opd.rollout.types import RolloutError
+
+__all__ = ["SGLangClient"]
+
+
+class _Fatal(Exception):
+    """A response that retrying cannot fix (4xx: the request itself is wrong)."""
+
+
+class SGLangClient:
+    """Calls SGLang's native HTTP API on ``urls``.
+
+    ``max_concurrency`` requests in flight per server; ``timeout_s`` per attempt; ``max_retries`` further attempts
+    per request, each after ``backoff_s * 2**attempt`` seconds and on the next server in the list.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        max_concurrency: int = 64,
+        timeout_s: float = 600.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
+        if not urls:
+            raise ValueError("SGLang backend needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._local = threading.local()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = requests.Session()
+        return s
+
+    def _post_once(self, url: str, path: str, payload: dict[str, Any], timeout_s: float) -> Any:
+        r = self._session().post(url + path, json=payload, timeout=timeout_s)
+        if 400 <= r.status_code < 500:
+            raise _Fatal(f"HTTP {r.status_code}: {r.text[:500]}")
+        r.raise_for_status()
+        if "json" not in r.headers.get("content-type", ""):
+            return {"text": r.text}  # some control routes (/flush_cache) answer plain text
+        return r.json()
+
+    def post(
+        self, path: str, payload: dict[str, Any], *, url: str | None = None, timeout_s: float | None = None
+    ) -> Any:
+        """POST with retries. ``url`` pins one server (weight updates); otherwise servers rotate per request."""
+        timeout_s = timeout_s or self.timeout_s
+        if url is None:
+            with self._lock:
+                start = self._next
+                self._next = (self._next + 1) % len(self.urls)
+        else:
+            start = self.urls.index(url.rstrip("/"))
+        errors: list[str] = []
+        for attempt in range(self.max_retries + 1):
+            target = self.urls[(start + attempt) % len(self.urls)] if url is None else self.urls[start]
+            try:
+                return self._post_once(target, path, payload, timeout_s)
+            except _Fatal as e:
+                raise RolloutError(f"SGLang {target}{path} rejected the request: {e}") from None
+            except (requests.RequestException, ValueError) as e:
+                errors.append(f"{target}: {type(e).__name__}: {e}")
+                if attempt < self.max_retries:
+                    time.sleep(self.backoff_s * 2**attempt)
+        raise RolloutError(
+            f"SGLang request {path} failed after {self.max_retries + 1} attempts; last error from "
+            f"{errors[-1]}" + (f" (also: {'; '.join(errors[:-1])})" if len(errors) > 1 else "")
+        )
+
+    def map(self, path: str, payloads: Sequence[dict[str, Any]]) -> list[Any]:
+        """POST every payload (spread over servers, at most ``max_concurrency`` per server in flight).
+
+        Returns the responses in payload order, or raises ``RolloutError`` if any request finally fails; the
+        requests not yet started are then cancelled. Never returns a partial list.
+        """
+        if not payloads:
+            return []
+        workers = min(len(payloads), self.max_concurrency * len(self.urls))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang")
+        try:
+            futures = [pool.submit(self.post, path, p) for p in payloads]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def post_all(self, path: str, payload: dict[str, Any], *, timeout_s: float | None = None) -> list[Any]:
+        """The same POST to every server (flush_cache, update_weights_from_disk...), in parallel."""
+        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
+            futs = [pool.submit(self.post, path, payload, url=u, timeout_s=timeout_s) for u in self.urls]
+            return [f.result() for f in futs]
+
+    def get(self, path: str, *, url: str, timeout_s: float = 5.0) -> requests.Response:
+        return self._session().get(url.rstrip("/") + path, timeout=timeout_s)
+
+    def health(self) -> bool:
+        """True when every server answers /health with 200."""
+        for u in self.urls:
+            try:
+                if self.get("/health", url=u).status_code != 200:
+                    return False
+            except requests.RequestException:
+                return False
+        return True
