@@ -9,12 +9,14 @@ evaluation and checkpoints. Everything else lives in ``training/run.py``.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from megatron_opd.config import ConfigError, parse_config
 from megatron_opd.training import run as R
 
 
-def train(argv: list[str] | None = None) -> dict[str, float]:
+def train(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run OPD as configured by ``argv``; returns {'initial_eval': scalars, 'steps': one scalars dict per step}."""
     cfg = parse_config(argv, prog="megatron_opd.training.main")
     run = R.setup_run(cfg)
     log, evals = run.logger, {}
@@ -53,7 +55,7 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
             or any(k.startswith("eval") for k in scalars)
         ):
             log.log(done, scalars, console_keys=_CONSOLE)
-        run.history.append(scalars)
+        run.history.append({"step": done, **scalars})
         if cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0:
             R.save(run, done)
 
@@ -62,9 +64,8 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
     ):
         R.save(run, run.total_steps)
     log.close()
-    final = {**evals, **(run.history[-1] if run.history else {})}
-    _print_summary(run, evals, final)
-    return final
+    _print_summary(run, evals, run.history[-1] if run.history else {})
+    return {"initial_eval": evals, "steps": run.history}
 
 
 _CONSOLE = (

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Launch megatron-opd with torchrun.
+#
+#   examples/pretrain_opd.sh                          # no arguments on a CPU machine: the CPU main job
+#   examples/pretrain_opd.sh --config examples/configs/paper/r1_popd.yaml [--section.field value ...]
+#
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (and NPROC_PER_NODE, default: the GPU count) on every
+# node; examples/slurm_pretrain_opd.sbatch does it for SLURM. Everything after the script name goes to the
+# trainer (megatron_opd.training.main): see `--help` for every config key.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [[ "$HAS_CUDA" == 1 ]]; then NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}; else NPROC_PER_NODE=${NPROC_PER_NODE:-1}; fi
+
+ARGS=("$@")
+if [[ ${#ARGS[@]} -eq 0 ]]; then
+  if [[ "$HAS_CUDA" == 1 ]]; then
+    echo "usage: $0 --config CONFIG.yaml [--section.field value ...]   (configs: examples/configs/paper/)" >&2
+    exit 2
+  fi
+  # The CPU main job: a toy reasoning task, a tiny teacher and student made (or taken from the cache) here,
+  # the embedded engine, POPD; prints the student's accuracy before and after next to the teacher's.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  echo "== CPU main job: making (or loading cached) toy teacher and student =="
+  eval "$("$PYTHON" - <<'PY'
+import shlex
+from megatron_opd.toy.models import make_toy_models
+m = make_toy_models()
+print("TOY_TEACHER=%s TOY_STUDENT=%s TOY_TRAIN=%s TOY_EVAL=%s" % tuple(
+    shlex.quote(x) for x in (m.teacher, m.student, m.train_data, m.eval_spec)))
+PY
+)"
+  ARGS=(--config examples/configs/cpu_toy.yaml
+        --model.hf_path "$TOY_STUDENT" --teacher.hf_path "$TOY_TEACHER"
+        --train.data_path "$TOY_TRAIN" --eval.datasets "$TOY_EVAL")
+  echo "== CPU main job: distilling (POPD) =="
+fi
+
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  -m megatron_opd.training.main "${ARGS[@]}"
