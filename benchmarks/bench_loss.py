@@ -214,6 +214,16 @@ def main() -> None:
         f"memory = {'cuda max_memory_allocated growth' if gpu else 'ru_maxrss growth in a fresh process per case'}; "
         f"time = median of {reps} fwd+bwd runs.\n",
     ]
+    if not gpu:
+        load = os.getloadavg()[0]
+        report.append(
+            f"Load average (1 min) when the run started: {load:.1f} on {os.cpu_count()} logical CPUs"
+            + (
+                " -- the machine was shared, so times are only indicative; memory is unaffected.\n"
+                if load > 1.5 * (os.cpu_count() or 1)
+                else ".\n"
+            )
+        )
     for n in ns:
         rows = []
         for case, chunk in cases:
