@@ -147,7 +147,6 @@ def hf_to_megatron(
             )
         dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
         _write_metadata(tmp, cfg, arch, hf_dir)
-    reader.close()
     logger.info("wrote Megatron checkpoint %s (%s, %d layers)", out, arch.name, cfg.num_layers)
     return cfg
 

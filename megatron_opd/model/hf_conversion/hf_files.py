@@ -67,7 +67,6 @@ class HFCheckpointReader:
                     f"{INDEX_NAME} in {self.dir} names the shard {shard}, which is missing"
                 )
         self._weight_map = weight_map
-        self._handles: dict[str, Any] = {}
 
     def names(self) -> list[str]:
         return list(self._weight_map)
@@ -79,13 +78,10 @@ class HFCheckpointReader:
         """One tensor, read from its (memory-mapped) shard."""
         if name not in self._weight_map:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.dir}")
-        shard = self._weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.dir / shard, framework="pt")
-        return self._handles[shard].get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+        # Opened per tensor (the header parse is cheap): a handle kept open keeps the shard's pages mapped, and
+        # the resident size would grow to a second copy of the model over a conversion.
+        with safe_open(self.dir / self._weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def _nbytes(t: torch.Tensor) -> int:
