@@ -214,10 +214,15 @@ def accumulate_grads(
     dz: torch.Tensor,
     hidden_c: torch.Tensor,
     weight: torch.Tensor,
-    grad_hidden_c: torch.Tensor,
-    grad_weight: torch.Tensor,
+    grad_hidden_c: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
     fp8: bool = False,
 ) -> None:
-    """grad_hidden_c += dz @ W; grad_weight += dz^T @ h (both fp32). dz [C, V/tp], hidden_c [C, H], W [V/tp, H]."""
-    matmul_nn_into(grad_hidden_c, dz, weight, fp8)
-    matmul_nn_into(grad_weight, dz.t(), hidden_c, fp8)
+    """grad_hidden_c += dz @ W; grad_weight += dz^T @ h (fp32; None skips that GEMM).
+
+    dz [C, V/tp], hidden_c [C, H], W [V/tp, H], grad_hidden_c [C, H], grad_weight [V/tp, H].
+    """
+    if grad_hidden_c is not None:
+        matmul_nn_into(grad_hidden_c, dz, weight, fp8)
+    if grad_weight is not None:
+        matmul_nn_into(grad_weight, dz.t(), hidden_c, fp8)

@@ -135,8 +135,9 @@ class LinearOPDTerms(torch.autograd.Function):
         if ctx.has_kl and g_kl is not None:
             g_s = chunked.kl_grad(s, teacher, ctx.renormalize, g_kl)
         h, w = _operand(hidden), _operand(weight)
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for sl in chunked.chunks(n, ctx.chunk_size):
             z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8 == "all")
             chunked.logits_grad_(
@@ -144,9 +145,12 @@ class LinearOPDTerms(torch.autograd.Function):
                 None if g_s is None else ids[sl], None if g_s is None else g_s[sl],
                 vocab_start=ctx.vocab_start, backend=ctx.backend,
             )  # fmt: skip
-            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, ctx.fp8 != "off")
+            gh = None if grad_h is None else grad_h[sl]
+            chunked.accumulate_grads(z, h[sl], w, gh, grad_w, ctx.fp8 != "off")
             del z
-        return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype)) + (None,) * 10
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return (grad_h, grad_w) + (None,) * 10
 
 
 class LinearOPDLoss(torch.autograd.Function):

@@ -175,3 +175,15 @@ def test_resolve_impl_and_input_checks():
     with pytest.raises(ValueError, match="fp8"):
         adapter.opd_token_terms(h, w, y, impl="reference", fp8=True)
     assert adapter.copy_to_tp_region(h, None) is h
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
+    hidden, weight, targets, *_, up_logp, _ = _case(9, 13, 157, 4, torch.float32, seed=6)
+    grads = []
+    for impl in ("reference", "chunked"):
+        h = hidden.clone().requires_grad_(True)
+        lp, _ = adapter.opd_token_terms(h, weight, targets, impl=impl, chunk_size=4)
+        (lp * up_logp).sum().backward()
+        grads.append(h.grad)
+    assert weight.grad is None
+    torch.testing.assert_close(grads[1], grads[0], atol=2e-5, rtol=1e-5)
