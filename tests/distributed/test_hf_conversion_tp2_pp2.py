@@ -5,7 +5,9 @@ loaded into the sharded model (vocabulary re-padded from 112 to 128 rows by dist
 - ``iter_hf_weights`` over the TP group yields, per pipeline stage, HF tensors equal to the original files;
 - ``load_hf_weights`` straight from the HF directory gives the same sharded parameters as the checkpoint load;
 - the sharded model is saved again (a TP=2/PP=2 torch_dist checkpoint) and ``megatron_to_hf`` of that equals
-  the original HF checkpoint. All comparisons are exact: conversion only moves data.
+  the original HF checkpoint;
+- with 2 virtual pipeline stages (a 4-layer model), each chunk yields its layers under their global indices.
+All comparisons are exact: conversion only moves data.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ SIZES = dict(
 BUCKET_BYTES = 48 * 1024
 
 
-def _worker(rank: int, world: int, cases: list[tuple[str, str, str]]) -> dict:
+def _worker(rank: int, world: int, cases: list[tuple[str, str, str]], vpp_case: tuple[str, str]) -> dict:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mpu
 
     from megatron_opd.config.tree import ParallelConfig
-    from megatron_opd.model.builders import build_model_chunks
+    from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
     from megatron_opd.model.hf_conversion import iter_hf_weight_buckets, iter_hf_weights, load_hf_weights
     from megatron_opd.model.hf_conversion.driver import read_metadata
     from megatron_opd.parallel.state import initialize_parallel
@@ -74,6 +76,23 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, str]]) -> dict:
             "direct_equal": direct_equal,
             "embedding_rows": None if emb is None else emb.shape[0],
         }
+    # Interleaved pipeline (TP=2, PP=2, 2 virtual stages) on a 4-layer model loaded straight from HF: stage p,
+    # chunk v holds global layer 2v + p; the iterated names must carry those global indices.
+    kind, hf4 = vpp_case
+    initialize_parallel(
+        ParallelConfig(
+            tensor_model_parallel_size=2,
+            pipeline_model_parallel_size=2,
+            virtual_pipeline_model_parallel_size=2,
+        ),
+        seed=0,
+    )
+    cfg = model_config_from_hf(hf4, make_vocab_size_divisible_by=16)
+    chunks = build_model_chunks(cfg)
+    load_hf_weights(chunks, hf4, cfg, tp_group=mpu.get_tensor_model_parallel_group())
+    out["vpp"] = {
+        n: t.clone() for n, t in iter_hf_weights(chunks, cfg, tp_group=mpu.get_tensor_model_parallel_group())
+    }
     return out
 
 
@@ -96,7 +115,12 @@ def results(tmp_path_factory):
             root / kind / "hf", root / kind / "mcore", make_vocab_size_divisible_by=16, progress=False
         )
         cases.append((kind, str(root / kind / "hf"), str(root / kind / "mcore")))
-    return root, run_on_ranks(_worker, 4, cases)
+    torch.manual_seed(6)
+    Qwen2ForCausalLM(
+        Qwen2Config(**dict(SIZES, num_hidden_layers=4), tie_word_embeddings=True)
+    ).save_pretrained(root / "qwen2_4_layers" / "hf")
+    vpp_case = ("qwen2_4_layers", str(root / "qwen2_4_layers" / "hf"))
+    return root, run_on_ranks(_worker, 4, cases, vpp_case)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -146,3 +170,18 @@ def test_tp2_pp2_checkpoint_exports_to_the_original(kind: str, results) -> None:
     for name in original.names():
         assert torch.equal(original.get(name), exported.get(name)), name
     assert json.loads((Path(out) / "config.json").read_text())["vocab_size"] == 100
+
+
+def test_virtual_pipeline_chunks_yield_global_layer_names(results) -> None:
+    from megatron_opd.model.hf_conversion.hf_files import HFCheckpointReader
+
+    root, ranks = results
+    original = HFCheckpointReader(root / "qwen2_4_layers" / "hf")
+    union: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        layers = {int(n.split(".")[2]) for n in r["vpp"] if n.startswith("model.layers.")}
+        assert layers == {r["pp_rank"], r["pp_rank"] + 2}  # chunk v of stage p holds layer 2v + p
+        union.update(r["vpp"])
+    assert sorted(union) == sorted(original.names())  # tied: no lm_head, the embedding comes from stage 0
+    for name in original.names():
+        assert torch.equal(union[name], original.get(name)), name

@@ -33,7 +33,7 @@ SIZES = dict(
 )
 DIVISIBLE_BY = 16
 # fp32 throughout; Megatron and HF compute attention and RoPE with different op orders, so logits agree to
-# rounding (measured ~1e-6), well inside the 1e-4.
+# rounding (measured max 2e-7 Qwen2, 4e-7 Llama on 4x64 tokens), well inside the 1e-4.
 ATOL = 1e-4
 
 
