@@ -69,16 +69,16 @@ def build_rollout_engine(
     from megatron_opd.rollout.sglang_engine import SGLangEngine
     from megatron_opd.rollout.sglang_weights import DiskWeightSync, DistributedWeightSync
 
+    if cfg.weight_sync == "distributed" and master_port is None:
+        raise ValueError("rollout.weight_sync='distributed' needs a master_port for the sync group")
+    if cfg.weight_sync == "disk" and weight_sync_dir is None:
+        raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
     client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries)
     if not client.health():
         raise RuntimeError(f"SGLang rollout servers not healthy: {cfg.sglang_urls}")
     if cfg.weight_sync == "distributed":
-        if master_port is None:
-            raise ValueError("rollout.weight_sync='distributed' needs a master_port for the sync group")
         sync = DistributedWeightSync(client, master_address=master_address, master_port=master_port)
     else:
-        if weight_sync_dir is None:
-            raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
         sync = DiskWeightSync(client, hf_dir=hf_path, out_dir=weight_sync_dir)
     return SGLangEngine(client, weight_sync=sync)
 

@@ -1,0 +1,107 @@
+"""Engine/scorer factories, the result type's checks, the SGLang scorer's run planning, and client failures that need
+no server (the SGLang paths against a real server are in tests/e2e/test_sglang_engine.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from megatron_opd.config.tree import RolloutConfig, TeacherConfig
+from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.rollout.engine import build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.sglang_client import SGLangClient
+from megatron_opd.rollout.sglang_engine import parse_generation
+from megatron_opd.rollout.sglang_server import free_port
+from megatron_opd.rollout.tiny_model import make_tiny_hf_model
+from megatron_opd.rollout.types import RolloutError, RolloutResult
+from megatron_opd.teacher.embedded import EmbeddedScorer
+from megatron_opd.teacher.sglang_scorer import plan_runs
+
+
+def test_plan_runs_covers_positions_with_bounded_unions():
+    rng = random.Random(0)
+    ids = [rng.sample(range(50), 4) for _ in range(37)]
+    runs = plan_runs(ids, max_ids=12)
+    assert runs[0][0] == 0 and runs[-1][1] == 37
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))  # consecutive, no gap, no overlap
+    for s, e, union in runs:
+        assert e > s and len(union) <= 12
+        assert set().union(*map(set, ids[s:e])) == set(union)
+    assert len(runs) > 3  # 37 x 4 random ids of 50 cannot fit in few 12-id runs
+    # Repeated ids collapse into one run; the K ids of one position always fit even if max_ids < K.
+    assert plan_runs([[1, 2, 3]] * 9, max_ids=3) == [(0, 9, [1, 2, 3])]
+    assert [r[:2] for r in plan_runs([[1, 2], [3, 4]], max_ids=1)] == [(0, 1), (1, 2)]
+    assert plan_runs([], 8) == []
+
+
+def test_result_validate_rejects_corrupted_batches():
+    ok = RolloutResult([0], [[1]], [[2, 3]], [[-0.1, -0.2]], ["length"], [[[2], [3]]])
+    ok.validate()
+    with pytest.raises(RolloutError, match="logprobs"):
+        RolloutResult([0], [[1]], [[2, 3]], [[-0.1]], ["length"]).validate()
+    with pytest.raises(RolloutError, match="finish reason"):
+        RolloutResult([0], [[1]], [[2]], [[-0.1]], ["abort"]).validate()
+    with pytest.raises(RolloutError, match="numbers of samples"):
+        RolloutResult([0, 0], [[1]], [[2]], [[-0.1]], ["stop"]).validate()
+
+
+def test_parse_generation_refuses_aborted_or_inconsistent_answers():
+    good = {
+        "output_ids": [4, 0],
+        "meta_info": {
+            "finish_reason": {"type": "stop"},
+            "output_token_logprobs": [[-1.0, 4, None], [-2.0, 0, None]],
+        },
+    }
+    assert parse_generation(good, 5, 0) == ([4, 0], [-1.0, -2.0], "stop", [])
+    aborted = {"meta_info": {"finish_reason": {"type": "abort", "message": "x"}, "output_token_logprobs": []}}
+    with pytest.raises(RolloutError, match="abort"):
+        parse_generation(aborted, 5, 0)
+    short = {"meta_info": {"finish_reason": {"type": "length"}, "output_token_logprobs": [[-1.0, 4, None]]}}
+    with pytest.raises(RolloutError, match="max_new_tokens=5"):
+        parse_generation(short, 5, 0)
+    with pytest.raises(RolloutError, match="top logprobs"):
+        parse_generation(good, 5, 2)
+
+
+def test_client_names_the_unreachable_url_after_retries():
+    url = f"http://127.0.0.1:{free_port()}"
+    client = SGLangClient([url], max_retries=2, backoff_s=0.01, timeout_s=2)
+    with pytest.raises(RolloutError, match=r"3 attempts.*" + url.replace(".", r"\.")):
+        client.map("/generate", [{"input_ids": [1]}] * 3)
+    assert not client.health()
+    with pytest.raises(ValueError):
+        SGLangClient([])
+
+
+def test_factories(tmp_path):
+    path = make_tiny_hf_model(str(tmp_path / "m"), seed=0)
+    assert isinstance(build_rollout_engine(RolloutConfig(), hf_path=path), EmbeddedEngine)
+    assert isinstance(build_teacher_scorer(TeacherConfig(hf_path=path)), EmbeddedScorer)
+    with pytest.raises(ValueError, match="hf_path"):
+        build_teacher_scorer(TeacherConfig())
+    dead = f"http://127.0.0.1:{free_port()}"
+    # Refused at start-up, before any network call: a sync that could never run.
+    with pytest.raises(ValueError, match="master_port"):
+        build_rollout_engine(RolloutConfig(backend="sglang", sglang_urls=[dead]), hf_path=path)
+    with pytest.raises(ValueError, match="weight_sync_dir"):
+        build_rollout_engine(
+            RolloutConfig(backend="sglang", sglang_urls=[dead], weight_sync="disk"), hf_path=path
+        )
+    with pytest.raises(RuntimeError, match="not healthy"):
+        build_rollout_engine(RolloutConfig(backend="sglang", sglang_urls=[dead]), hf_path=path, master_port=1)
+    # The teacher probe runs at start-up; an unreachable teacher fails there, naming it.
+    with pytest.raises(RolloutError, match=dead.replace(".", r"\.")):
+        build_teacher_scorer(TeacherConfig(backend="sglang", sglang_urls=[dead]), max_retries=0)
+
+
+def test_score_request_checks(tmp_path):
+    sc = EmbeddedScorer.from_hf_dir(make_tiny_hf_model(str(tmp_path / "m"), seed=0))
+    with pytest.raises(ValueError, match="student_topk_ids"):
+        sc.score([[1, 2]], [[3, 4]], topk=2, strategy="student")
+    with pytest.raises(ValueError, match=r"\[len\(response\)\]\[2\]"):
+        sc.score([[1, 2]], [[3, 4]], topk=2, strategy="student", student_topk_ids=[[[5, 6]]])
+    with pytest.raises(ValueError, match="empty prompt"):
+        sc.score([[]], [[3]])
+    assert sc.score([[1, 2]], [[]]).logprobs == [[]]
