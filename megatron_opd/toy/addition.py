@@ -78,6 +78,11 @@ class AdditionProblem:
         return ANSWER_MARK + self.answer
 
 
+def prompt_length(digits: int) -> int:
+    """Characters of a prompt: a place letter and a digit per digit of each operand, '+' and ':'."""
+    return 4 * digits + 2
+
+
 def response_length(digits: int) -> int:
     """Characters of the step-by-step response (without EOS): 11 per digit, then '=' and digits + 1."""
     return 11 * digits + 1 + digits + 1

@@ -1,0 +1,124 @@
+"""The toy model maker with a tiny recipe: HF-format outputs, cache reuse, data files, generation."""
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from megatron_opd.data import load_prompt_dataset
+from megatron_opd.data.tokenizer import load_tokenizer
+from megatron_opd.eval import HFGenerate, evaluate, load_eval_set
+from megatron_opd.toy.models import ToyRecipe, make_toy_models
+
+TINY = ToyRecipe(
+    digits=2,
+    num_train_prompts=24,
+    num_eval_problems=8,
+    batch_size=16,
+    teacher_steps=30,
+    student_steps=6,
+    warmup_steps=5,
+)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("toy_cache")
+    t0 = time.perf_counter()
+    m = make_toy_models(TINY, str(cache))
+    return m, str(cache), time.perf_counter() - t0
+
+
+def test_outputs_are_hf_checkpoints(made):
+    m, _, _ = made
+    for role in (m.teacher, m.student):
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ):
+            assert os.path.isfile(os.path.join(role, f)), f
+        cfg = json.load(open(os.path.join(role, "config.json")))
+        assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
+        assert (
+            cfg["hidden_size"],
+            cfg["num_hidden_layers"],
+            cfg["num_attention_heads"],
+            cfg["num_key_value_heads"],
+        ) == (
+            64,
+            2,
+            4,
+            2,
+        )
+        assert (
+            cfg["max_position_embeddings"] == 64
+        )  # 10 prompt + 27 response tokens -> the next power of 2 and not cfg["tie_word_embeddings"]
+        assert GenerationConfig.from_pretrained(role).eos_token_id == 1
+        model = AutoModelForCausalLM.from_pretrained(role)
+        assert (
+            next(model.parameters()).dtype == torch.float32
+            and model.config.vocab_size == m.report["vocab_size"]
+        )
+        for tok in (AutoTokenizer.from_pretrained(role), load_tokenizer(role)):
+            prompt = "b1a2+B3A4:"
+            assert tok(prompt, add_special_tokens=False)["input_ids"] == [
+                tok.convert_tokens_to_ids(c) for c in prompt
+            ]
+            assert tok.eos_token_id == 1 and tok.pad_token_id == 0
+    teacher = AutoModelForCausalLM.from_pretrained(m.teacher).state_dict()
+    student = AutoModelForCausalLM.from_pretrained(m.student).state_dict()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # the student was fine-tuned away
+
+
+def test_report_and_training_happened(made):
+    m, _, _ = made
+    r = m.report
+    assert r["recipe"]["teacher_steps"] == 30 and r["vocab_size"] == 3 + 14 + 4
+    for role in ("teacher", "student"):
+        assert 0.0 <= r[role]["greedy_accuracy"] <= 1.0 and r[role]["sft_seconds"] > 0
+    assert r["teacher"]["final_loss"] < 0.7 * math.log(r["vocab_size"])  # well below a uniform guess
+
+
+def test_second_call_is_served_from_the_cache(made):
+    m, cache, first_s = made
+    mtime = os.path.getmtime(os.path.join(m.root, "report.json"))
+    t0 = time.perf_counter()
+    again = make_toy_models(TINY, cache)
+    assert again == m and time.perf_counter() - t0 < 0.5 * first_s
+    assert os.path.getmtime(os.path.join(m.root, "report.json")) == mtime
+    assert ToyRecipe(digits=2, seed=1).key() != TINY.key() and TINY.key() == ToyRecipe(**TINY.__dict__).key()
+
+
+def test_data_files_load_and_are_disjoint(made):
+    m, _, _ = made
+    tok = load_tokenizer(m.student)
+    train = load_prompt_dataset(m.train_data, tok, max_prompt_length=64)
+    ev = load_eval_set(m.eval_spec)
+    assert len(train) == 24 and len(ev) == 8 and ev.prompts() == ev.problems
+    assert not {e.prompt_text for e in train.examples} & set(ev.problems)
+    assert all(len(e.prompt_ids) == 10 for e in train.examples)
+
+
+def test_hf_generate_shapes_seeds_and_eos(made):
+    m, _, _ = made
+    tok = load_tokenizer(m.teacher)
+    model = AutoModelForCausalLM.from_pretrained(m.teacher)
+    gen = HFGenerate(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    prompts = [tok("b1a2+B3A4:")["input_ids"], tok("a5+A6:")["input_ids"]]  # unequal lengths: left padding
+    a = gen(prompts, n=3, max_new_tokens=8, temperature=1.0, seed=7)
+    b = gen(prompts, n=3, max_new_tokens=8, temperature=1.0, seed=7)
+    c = gen(prompts, n=3, max_new_tokens=8, temperature=1.0, seed=8)
+    assert len(a) == 6 and a == b and a != c
+    for r in a:  # cut right after the first EOS, else the full budget
+        assert tok.eos_token_id not in r[:-1] and (len(r) == 8 or r[-1] == tok.eos_token_id)
+    g1 = gen(prompts, n=2, max_new_tokens=8, temperature=0.0, seed=1)
+    assert g1[0] == g1[1] and g1 == gen(prompts, n=2, max_new_tokens=8, temperature=0.0, seed=2)
+    res = evaluate(load_eval_set(m.eval_spec), gen, tok, n_samples=1, max_new_tokens=TINY.max_response_tokens)
+    assert res.n_samples == 1 and len(res.correct) == 8 and 0.0 <= res.avg <= 1.0
