@@ -2,7 +2,8 @@
 
 Why it exists: a CPU run cannot afford an SGLang server per model, nor `transformers.generate`'s overheads; the
 CPU main job should be dominated by learning. This engine samples a whole batch at once with a preallocated KV
-cache (``rollout/decoder.py``), stops rows on EOS, and stops the loop when every row is done. It has the same
+cache (``rollout/decoder.py``), stops rows on EOS, drops finished rows from the batch (and the cache) once a
+quarter of it has finished, and stops the loop when every row is done. It has the same
 semantics as the SGLang backend (``RolloutResult``): temperature-1 logprobs of each sampled token, "stop"/"length"
 finish reasons, the EOS token kept as the last response token.
 
@@ -195,25 +196,34 @@ class EmbeddedEngine:
         eos = torch.tensor(self.eos_token_ids or [-1], device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         length = torch.full((B,), max_new, dtype=torch.long, device=dev)
-        toks, lps, tks = [], [], []
+        tok_buf = torch.zeros((B, max_new), dtype=torch.long, device=dev)
+        lp_buf = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
+        tk_buf = torch.zeros((B, max_new, topk), dtype=torch.long, device=dev) if topk > 0 else None
+        live = torch.arange(B, device=dev)  # original row of each row still in the batch
         for t in range(max_new):
-            logits = self.decoder.logits(hidden, self.vocab_size)  # [B, V] fp32, real vocabulary only
+            logits = self.decoder.logits(hidden, self.vocab_size)  # [b, V] fp32, real vocabulary only
             nxt = _sample(logits, temperature, top_p, gen)
-            toks.append(nxt)
-            lps.append(reference.token_logprobs(logits, nxt))
-            if topk > 0:
-                tks.append(reference.topk_ids(logits, topk))
-            stop_now = ~done & torch.isin(nxt, eos)
-            length = torch.where(stop_now, t + 1, length)
-            done |= stop_now
+            tok_buf[live, t] = nxt
+            lp_buf[live, t] = reference.token_logprobs(logits, nxt)
+            if tk_buf is not None:
+                tk_buf[live, t] = reference.topk_ids(logits, topk)
+            stop_now = torch.isin(nxt, eos) & ~done[live]
+            length[live[stop_now]] = t + 1
+            done[live[stop_now]] = True
             if bool(done.all()) or t == max_new - 1:
                 break
+            # Drop finished rows once a quarter of the batch has finished: the copy of the cache costs about one
+            # decode step, and rows that stopped early then cost nothing. Until then they keep decoding; their
+            # tokens are written past their length and never read.
+            keep = ~done[live]
+            if int((~keep).sum()) >= max(1, len(live) // 4):
+                live, nxt, lens, key_valid = live[keep], nxt[keep], lens[keep], key_valid[keep]
+                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
             key_valid[:, Lp + t] = True
             pos = (lens + t)[:, None]
             hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t)[:, -1]
-        tok_m = torch.stack(toks, 1).tolist()
-        lp_m = torch.stack(lps, 1).tolist()
-        tk_m = torch.stack(tks, 1).tolist() if topk > 0 else None
+        tok_m, lp_m = tok_buf.tolist(), lp_buf.tolist()
+        tk_m = tk_buf.tolist() if tk_buf is not None else None
         lengths, stopped = length.tolist(), done.tolist()
         out_ids = [tok_m[b][: lengths[b]] for b in range(B)]
         out_lp = [lp_m[b][: lengths[b]] for b in range(B)]

@@ -115,6 +115,25 @@ def test_eos_stops_and_length_cuts(qwen_dir):
     assert res.finish_reasons == ["stop", "stop"] and res.response_ids == [[first], [first]]
 
 
+def test_rows_dropped_after_eos_keep_exact_logprobs(qwen_dir):
+    # Ten of 128 tokens stop a row, so rows finish at many different steps and the batch is compacted
+    # several times; every row must still carry exactly its own tokens and logprobs.
+    stops = list(range(2, 12))
+    eng = EmbeddedEngine.from_hf_dir(qwen_dir, eos_token_ids=stops)
+    res = eng.generate(PROMPTS, n=8, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3, topk=2)
+    res.validate()
+    lengths = {len(r) for r, f in zip(res.response_ids, res.finish_reasons) if f == "stop"}
+    assert len(lengths) >= 3 and "length" in res.finish_reasons
+    for r, f in zip(res.response_ids, res.finish_reasons):
+        assert (f == "stop") == (r[-1] in stops) and not set(r[:-1]) & set(stops)
+    ref = EmbeddedScorer.from_hf_dir(qwen_dir).score(
+        res.prompt_ids, res.response_ids, topk=2, strategy="teacher"
+    )
+    for i in range(len(res)):
+        assert torch.allclose(torch.tensor(res.logprobs[i]), torch.tensor(ref.logprobs[i]), atol=1e-5)
+        assert res.topk_ids[i] == ref.topk_ids[i]
+
+
 def test_tiny_top_p_is_greedy(qwen_dir):
     eng = EmbeddedEngine.from_hf_dir(qwen_dir, eos_token_ids=[])
     greedy = eng.generate(PROMPTS, n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
