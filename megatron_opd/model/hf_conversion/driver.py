@@ -1,14 +1,17 @@
 """Offline conversion between a Hugging Face directory and a Megatron ``torch_dist`` checkpoint.
 
 Why it exists: users start from HF checkpoints and want HF checkpoints back. Both directions run in one process
-on a TP=1/PP=1 Megatron model (one copy of the weights in memory; HF tensors are read and written one at a time):
+and stream: HF tensors are read and written one at a time, never a second copy of the model.
 
-- ``hf_to_megatron``: HF safetensors -> ``dist_checkpointing`` (torch_dist). That format reshards on load, so the
-  trainer loads the result at any TP/PP; the embedding and LM head are saved with Megatron's vocabulary padding
-  and loaded with ``allow_shape_mismatch`` (zero rows), so a different padding at another TP size also loads.
-- ``megatron_to_hf``: any TP/PP ``torch_dist`` checkpoint (this tool's or the trainer's) -> safetensors shards,
-  index, config.json, tokenizer and generation config copied from the source HF directory: ``transformers``
-  loads it as is. The embedding/LM head get back their HF row count (Qwen2: 151,936), dropping the padding.
+- ``hf_to_megatron``: HF safetensors -> a TP=1/PP=1 Megatron model -> ``dist_checkpointing`` (torch_dist).
+  Megatron saves the local and the Transformer-Engine layer spec under the same keys, and the format reshards
+  on load, so the trainer loads the result at any TP/PP. The embedding and LM head are saved with Megatron's
+  vocabulary padding and loaded with ``allow_shape_mismatch`` (zero rows), so another padding at another TP
+  size loads too.
+- ``megatron_to_hf``: any TP/PP ``torch_dist`` checkpoint (this tool's, or the ``dist/`` folder of a training
+  checkpoint), read key by key without building a model -> safetensors shards, index, config.json, with the
+  tokenizer and generation config copied from the source HF directory: ``transformers`` loads it as is. The
+  embedding/LM head get back their HF row count (Qwen2: 151,936), dropping the padding.
 
 Outputs are written into a hidden temporary directory next to the target and renamed into place only when
 complete, so an interrupted conversion never leaves something that looks like a finished checkpoint.
@@ -116,8 +119,8 @@ def hf_to_megatron(
     Args:
         params_dtype: 'float32' / 'bfloat16' / 'float16'; default: the HF config's ``torch_dtype``.
         make_vocab_size_divisible_by: Megatron's vocabulary padding multiple (default of ``ModelConfig``).
-        transformer_impl: the layer spec to save under ('local' or 'transformer_engine'; default 'auto'): the
-            trainer must build the same spec to find the fused-norm names.
+        transformer_impl: the layer spec of the model built for saving ('auto', 'local', 'transformer_engine');
+            both write the same checkpoint keys.
         target_tp: if given, fail now when that tensor-parallel size cannot split the model.
     Returns:
         the ``ModelConfig`` the checkpoint was written for.
