@@ -58,9 +58,9 @@ def build_rollout_engine(
 ) -> RolloutEngine:
     """The student engine of ``cfg.backend`` on the model at ``hf_path``.
 
-    sglang: servers at ``cfg.sglang_urls`` must already serve ``hf_path``; weight sync per ``cfg.weight_sync``
-    ('distributed' needs ``master_port``; 'disk' needs ``weight_sync_dir``), checked here rather than at the first
-    sync. The distributed group is formed lazily at the first sync (the trainer may not be ready before).
+    sglang: servers at ``cfg.sglang_urls`` must already serve ``hf_path`` (health is checked now); weight sync per
+    ``cfg.weight_sync``: 'distributed' forms a group with this process as rank 0 at ``master_address`` (a free port
+    unless ``master_port``), 'disk' needs ``weight_sync_dir`` (checked here rather than at the first sync). The distributed group is formed lazily at the first sync (the trainer may not be ready before).
     """
     if cfg.backend == "embedded":
         from megatron_opd.rollout.embedded import EmbeddedEngine
@@ -69,15 +69,18 @@ def build_rollout_engine(
     from megatron_opd.rollout.sglang_engine import SGLangEngine
     from megatron_opd.rollout.sglang_weights import DiskWeightSync, DistributedWeightSync
 
-    if cfg.weight_sync == "distributed" and master_port is None:
-        raise ValueError("rollout.weight_sync='distributed' needs a master_port for the sync group")
     if cfg.weight_sync == "disk" and weight_sync_dir is None:
         raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
     client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries)
     if not client.health():
         raise RuntimeError(f"SGLang rollout servers not healthy: {cfg.sglang_urls}")
     if cfg.weight_sync == "distributed":
-        sync = DistributedWeightSync(client, master_address=master_address, master_port=master_port)
+        from megatron_opd.rollout.sglang_server import free_port
+
+        # This process is rank 0 and hosts the group's store: any free port here works. ``master_address`` must
+        # be an address of this host the servers can reach (loopback only when they run on this node).
+        port = master_port or free_port()
+        sync = DistributedWeightSync(client, master_address=master_address, master_port=port)
     else:
         sync = DiskWeightSync(client, hf_dir=hf_path, out_dir=weight_sync_dir)
     return SGLangEngine(client, weight_sync=sync)

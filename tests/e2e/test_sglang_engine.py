@@ -126,7 +126,7 @@ def test_weight_update_distributed_then_disk(server, models, ref_a, ref_b, tmp_p
     cfg = RolloutConfig(
         backend="sglang", sglang_urls=[server.url], weight_sync="distributed", request_timeout_s=60
     )
-    eng = build_rollout_engine(cfg, hf_path=models[0], master_port=free_port())
+    eng = build_rollout_engine(cfg, hf_path=models[0])
     buckets = list(buckets_by_bytes(load_hf_state_dict(models[1]).items(), bucket_bytes=64 << 10))
     assert len(buckets) > 1
     secs = eng.update_weights(buckets)

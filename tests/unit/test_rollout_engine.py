@@ -83,14 +83,12 @@ def test_factories(tmp_path):
         build_teacher_scorer(TeacherConfig())
     dead = f"http://127.0.0.1:{free_port()}"
     # Refused at start-up, before any network call: a sync that could never run.
-    with pytest.raises(ValueError, match="master_port"):
-        build_rollout_engine(RolloutConfig(backend="sglang", sglang_urls=[dead]), hf_path=path)
     with pytest.raises(ValueError, match="weight_sync_dir"):
         build_rollout_engine(
             RolloutConfig(backend="sglang", sglang_urls=[dead], weight_sync="disk"), hf_path=path
         )
     with pytest.raises(RuntimeError, match="not healthy"):
-        build_rollout_engine(RolloutConfig(backend="sglang", sglang_urls=[dead]), hf_path=path, master_port=1)
+        build_rollout_engine(RolloutConfig(backend="sglang", sglang_urls=[dead]), hf_path=path)
     # The teacher probe runs at start-up; an unreachable teacher fails there, naming it.
     with pytest.raises(RolloutError, match=dead.replace(".", r"\.")):
         build_teacher_scorer(TeacherConfig(backend="sglang", sglang_urls=[dead]), max_retries=0)
