@@ -1,0 +1,323 @@
+"""Save and resume a run: model and optimizer through ``megatron.core.dist_checkpointing``, plus trainer state.
+
+Why it exists: an OPD run must survive preemption and resume bit-for-bit (same losses after resume), and a
+checkpoint must be loadable into another TP/PP layout (train at TP=2, evaluate at TP=1). Megatron's
+``dist_checkpointing`` (torch_dist format) stores every tensor by its global name and shard, which gives the
+re-layout; this module adds what a trainer needs around it:
+
+- Atomicity. A checkpoint is written into ``iter_XXXXXXX.tmp``, every file is fsynced, then the directory is
+  renamed to ``iter_XXXXXXX`` and only then ``latest_checkpointed_iteration.txt`` is replaced (write, fsync,
+  rename). A crash at any point leaves the previous checkpoint as the latest; ``*.tmp`` leftovers are never
+  read and are removed by the next save.
+- Retention: after a save completes, all but the newest ``keep_last`` checkpoints are deleted.
+- Trainer state: a plain-types dict from the caller (step, consumed prompts, data order, the horizon
+  schedule's ``state_dict`` ...) plus the LR scheduler, saved with ``torch.save`` and loaded with
+  ``weights_only=True``; the save fails at once if it holds anything else. RNG states are saved per rank and
+  restored when the layout (world size, TP, PP) is unchanged.
+- Optimizer. The regular optimizer's state is stored in model space and re-shards with the model. The
+  distributed optimizer's own formats did not round-trip on megatron-core 0.16.1, so its state is gathered
+  here into the same model-space form (one fp32 tensor per parameter and state, exactly as the regular
+  optimizer stores it) and scattered back to each rank's shard on load: both optimizers read each other's
+  checkpoints and any layout loads any checkpoint. A checkpoint saved without optimizer state cannot be
+  resumed with ``load_optimizer=True``: that fails loudly instead of silently resetting Adam.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as mpu
+from megatron.core.optimizer.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+TRAINER_STATE_FILE = "trainer_state.pt"
+FORMAT_VERSION = 1
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed as asked (the message says why and what to do)."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    """``root/iter_XXXXXXX``."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def complete_iterations(root: str) -> list[int]:
+    """Iterations with a complete (renamed) checkpoint directory, ascending."""
+    if not os.path.isdir(root):
+        return []
+    found = [int(m.group(1)) for name in os.listdir(root) if (m := _ITER_RE.match(name))]
+    return sorted(i for i in found if os.path.isdir(iteration_dir(root, i)))
+
+
+def latest_iteration(root: str) -> int | None:
+    """The newest complete checkpoint: the marker file's value when it names a complete checkpoint, else the
+    newest complete directory (a marker lost in a crash does not lose the run). None when there is none."""
+    complete = complete_iterations(root)
+    marker = os.path.join(root, LATEST_FILE)
+    if os.path.exists(marker):
+        try:
+            it = int(open(marker, encoding="utf-8").read().strip())
+        except ValueError:
+            it = None
+        if it is not None and it in complete:
+            return it
+    return complete[-1] if complete else None
+
+
+# --------------------------------------------------------------------------------------------------------
+# filesystem helpers (rank 0 only)
+# --------------------------------------------------------------------------------------------------------
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _prune(root: str, keep_last: int) -> None:
+    for it in complete_iterations(root)[:-keep_last]:
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# state pieces
+# --------------------------------------------------------------------------------------------------------
+def _layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tp": mpu.get_tensor_model_parallel_world_size(),
+        "pp": mpu.get_pipeline_model_parallel_world_size(),
+        "dp": mpu.get_data_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
+    """Sharded state of each chunk (of the unwrapped modules, so keys carry no 'module.')."""
+    return {f"chunk{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in subs)
+
+
+def _optimizer_has_state(optimizer: MegatronOptimizer) -> bool:
+    """Whether Adam's moments exist yet (they are created by the first step)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    has = torch.tensor(float(any(len(o.optimizer.state) > 0 for o in subs if o.optimizer is not None)))
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)  # ranks without parameters in a group still agree
+    return bool(has.item())
+
+
+def _optimizer_sharded_state_dict(
+    optimizer: MegatronOptimizer, model_sd: dict[str, Any], *, is_loading: bool
+) -> dict[str, Any]:
+    if _uses_distributed_optimizer(optimizer):
+        from megatron_opd.training import distopt_checkpoint
+
+        return distopt_checkpoint.sharded_state_dict(optimizer, model_sd, is_loading=is_loading)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _load_optimizer_state(optimizer: MegatronOptimizer, state: dict[str, Any]) -> None:
+    if _uses_distributed_optimizer(optimizer):
+        from megatron_opd.training import distopt_checkpoint
+
+        distopt_checkpoint.load_state_dict(optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    trainer_state: dict[str, Any],
+    *,
+    keep_last: int = 2,
+) -> str:
+    """Save a complete checkpoint for ``iteration`` (collective: every rank calls it). Returns its directory.
+
+    ``trainer_state`` must hold plain types only (numbers, strings, lists, dicts, tensors); a
+    ``CheckpointError`` is raised before anything is written otherwise.
+    """
+    rank = dist.get_rank()
+    final, tmp = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
+    state = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "layout": _layout(),
+        "trainer": trainer_state,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        # 'saved': Adam state is in the checkpoint; 'fresh': no step was taken yet, a new optimizer is the exact
+        # state; 'absent': saved without an optimizer (weights only).
+        "optimizer_state": "absent"
+        if optimizer is None
+        else ("saved" if _optimizer_has_state(optimizer) else "fresh"),
+    }
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of interrupted saves
+            if name.endswith(".tmp") and os.path.isdir(os.path.join(root, name)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+        path = os.path.join(tmp, TRAINER_STATE_FILE)
+        torch.save(state, path)
+        try:
+            torch.load(path, weights_only=True)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"trainer state is not loadable with weights_only=True (plain types only): {e}"
+            ) from e
+    dist.barrier()
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
+
+    model_sd = _model_sharded_state_dict(model)
+    sharded: dict[str, Any] = {"model": model_sd}
+    if state["optimizer_state"] == "saved":
+        sharded["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)
+    if rank == 0:
+        os.makedirs(os.path.join(tmp, "dist"))
+    dist.barrier()
+    dist_checkpointing.save(sharded, os.path.join(tmp, "dist"))
+    dist.barrier()
+    if rank == 0:
+        _fsync_tree(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(os.path.join(root, LATEST_FILE), str(iteration))
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    root: str,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    *,
+    iteration: int | None = None,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+) -> dict[str, Any] | None:
+    """Load the newest complete checkpoint under ``root`` (or ``iteration``) into the given objects.
+
+    Returns the saved state: {'iteration', 'trainer' (the dict given to ``save_checkpoint``), 'layout', ...},
+    or None when ``root`` holds no complete checkpoint. The model may be in any TP/PP layout. With
+    ``load_optimizer`` the optimizer state must be in the checkpoint (else ``CheckpointError``); pass
+    ``optimizer=None`` or ``load_optimizer=False`` to take the weights only (a warning is logged).
+    """
+    it = latest_iteration(root) if iteration is None else iteration
+    if it is None:
+        return None
+    path = iteration_dir(root, it)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no complete checkpoint for iteration {it} under {root}")
+    state = torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=True)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    want_opt = optimizer is not None and load_optimizer
+    if want_opt and state["optimizer_state"] == "absent":
+        raise CheckpointError(
+            f"{path} holds no optimizer state; resume with checkpoint.load_optimizer=false to start Adam afresh"
+        )
+    if optimizer is not None and not load_optimizer:
+        logger.warning("loading weights only from %s: the optimizer state starts afresh", path)
+
+    model_sd = _model_sharded_state_dict(model)
+    sharded: dict[str, Any] = {"model": model_sd}
+    if want_opt and state["optimizer_state"] == "saved":
+        sharded["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, os.path.join(path, "dist"))
+    for i, chunk in enumerate(model):
+        unwrap_model(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    if want_opt:
+        if state["optimizer_state"] == "saved":
+            _load_optimizer_state(optimizer, loaded["optimizer"])
+        elif _optimizer_has_state(optimizer):
+            raise CheckpointError(
+                f"{path} was saved before the first optimizer step; load it into a new optimizer"
+            )
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    if load_rng:
+        rng_file = os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt")
+        if state["layout"] == _layout() and os.path.exists(rng_file):
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        elif dist.get_rank() == 0:
+            logger.warning(
+                "checkpoint layout %s differs from the current %s: RNG states are not restored",
+                state["layout"],
+                _layout(),
+            )
+    dist.barrier()
+    return state
