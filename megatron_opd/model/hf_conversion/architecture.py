@@ -4,7 +4,8 @@ Why it exists: Qwen2 and Llama share one decoder layout (RMSNorm, GQA attention,
 their Hugging Face config (QKV bias, tied embeddings, RoPE base, class names). The map itself is therefore written
 once here as a list of ``Rule``s derived from a ``ModelConfig`` - one rule per Megatron tensor, naming the HF
 tensors it is made of and how (copy, QKV interleave, gate/up fusion, vocabulary padding). The per-architecture
-modules (``qwen2.py``, ``llama.py``) hold what is specific to each: reading and writing their ``config.json``.
+modules (``qwen2.py``, ``llama.py``) hold what is specific to each: checking and writing their ``config.json``
+(``builders.model_config_from_hf`` reads it into a ``ModelConfig``).
 Every converter (files on disk, live weight sync, loading HF weights into a sharded model) walks these rules.
 
 Megatron names are those of the local layer spec (``input_layernorm``, ``pre_mlp_layernorm``); the
@@ -15,7 +16,7 @@ Transformer-Engine spec fuses those norms into the next linear layer (``linear_q
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -217,16 +218,6 @@ def checkpoint_key(rule: Rule, available: Container[str]) -> tuple[str, int | No
     )
 
 
-def canonical_megatron_name(name: str) -> str:
-    """Inverse of the TE aliasing: a local-spec name for any spelling of a Megatron tensor name."""
-    match = _LAYER_RE.match(name)
-    if match:
-        for local, te in _TE_ALIASES.items():
-            if match.group(2) == te:
-                return f"decoder.layers.{match.group(1)}.{local}"
-    return name
-
-
 def split_layer_name(name: str) -> tuple[int, str] | None:
     """``decoder.layers.{i}.rest`` -> ``(i, rest)``; None for tensors outside the layers."""
     match = _LAYER_RE.match(name)
@@ -239,15 +230,15 @@ class Architecture:
 
     ``hf_architectures``: the ``architectures`` entries of its config.json; ``model_type``: its ``model_type``.
     ``check_config``: raises ``ConversionError`` on config.json features that cannot be converted (the
-    ``ModelConfig`` itself is read by ``builders.model_config_from_hf``). ``write_config``: ``ModelConfig`` -> config.json dict (used when exporting
-    without a source HF directory to copy it from).
+    ``ModelConfig`` itself is read by ``builders.model_config_from_hf``). ``write_config``: ``ModelConfig`` ->
+    config.json dict (used when exporting without a source HF directory to copy it from).
     """
 
     name: str
     hf_architectures: tuple[str, ...]
     model_type: str
-    check_config: Any
-    write_config: Any
+    check_config: Callable[[dict[str, Any]], None]
+    write_config: Callable[[ModelConfig], dict[str, Any]]
 
     def rules(self, cfg: ModelConfig, **kwargs: Any) -> list[Rule]:
         return decoder_rules(cfg, **kwargs)
