@@ -14,6 +14,8 @@ import time
 
 import pytest
 import requests
+import torch
+import transformers
 
 from megatron_opd.config.tree import RolloutConfig, TeacherConfig
 from megatron_opd.rollout.decoder import load_hf_state_dict
@@ -72,7 +74,7 @@ def _client(server) -> SGLangClient:
     return SGLangClient([server.url], max_concurrency=16, timeout_s=60, max_retries=1, backoff_s=0.1)
 
 
-def test_horizon_truncated_generation(server, ref_a):
+def test_horizon_truncated_generation(server, models, ref_a):
     eng = SGLangEngine(_client(server))
     assert eng.health()
     H = 6
@@ -90,6 +92,16 @@ def test_horizon_truncated_generation(server, ref_a):
     ref = ref_a.score(res.prompt_ids, res.response_ids, topk=4, strategy="teacher")
     assert _maxdiff(res.logprobs, ref.logprobs) <= ATOL
     assert res.topk_ids == ref.topk_ids
+    # And directly against a `transformers` forward on the same weights.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32).eval()
+    for i in range(len(res)):
+        seq = torch.tensor([res.prompt_ids[i] + res.response_ids[i]])
+        with torch.no_grad():
+            logits = hf(seq).logits[0, len(res.prompt_ids[i]) - 1 : -1].float()
+        want = (
+            torch.log_softmax(logits, -1).gather(-1, torch.tensor(res.response_ids[i])[:, None]).squeeze(-1)
+        )
+        assert (torch.tensor(res.logprobs[i]) - want).abs().max().item() <= ATOL
 
 
 def test_teacher_scoring_with_topk(server, ref_a):
