@@ -85,7 +85,7 @@ def matmul_nn_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp8: boo
         prod = _half_mm_fp32(a.to(b.dtype), b)
         out += prod if prod is not None else torch.mm(a.to(b.dtype), b).float()
         return
-    out.addmm_(a, b.float())
+    out.addmm_(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,7 +177,8 @@ def _scatter_local_(
 ) -> None:  # dz [C, V/tp], ids/coef [C, K]
     local = ids - vocab_start
     inside = (local >= 0) & (local < dz.shape[-1])
-    dz.scatter_add_(1, local.clamp(0, dz.shape[-1] - 1), torch.where(inside, coef, torch.zeros_like(coef)))
+    coef = torch.where(inside, coef, torch.zeros_like(coef)).to(dz.dtype)
+    dz.scatter_add_(1, local.clamp(0, dz.shape[-1] - 1), coef)
 
 
 def logits_grad_(
@@ -190,19 +191,23 @@ def logits_grad_(
     *,
     vocab_start: int,
     backend: Backend,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Overwrite the fp32 logits z [C, V/tp] with dL/dz (module doc) and return it."""
+    """dL/dz [C, V/tp] (module doc) from the fp32 logits z, which it overwrites (or, with the Triton backend
+    and a half ``out_dtype``, reads once while writing dz to a new half-precision block)."""
     c = g_logp.float() if g_s is None else g_logp.float() + g_s.sum(-1)
     if backend == "torch":
-        z.sub_(lse.unsqueeze(-1)).exp_().mul_(-c.unsqueeze(-1))
+        dz = z.sub_(lse.unsqueeze(-1)).exp_().mul_(-c.unsqueeze(-1))
+        dz = dz if out_dtype == torch.float32 else dz.to(out_dtype)
     else:
         from megatron_opd.loss.triton_kernels import softmax_scale_
 
-        softmax_scale_(z, lse, -c)
-    _scatter_local_(z, targets.unsqueeze(-1), g_logp.float().unsqueeze(-1), vocab_start)
+        out = None if out_dtype == torch.float32 else torch.empty(z.shape, dtype=out_dtype, device=z.device)
+        dz = softmax_scale_(z, lse, -c, out=out)
+    _scatter_local_(dz, targets.unsqueeze(-1), g_logp.float().unsqueeze(-1), vocab_start)
     if g_s is not None and ids is not None:
-        _scatter_local_(z, ids, g_s, vocab_start)
-    return z
+        _scatter_local_(dz, ids, g_s, vocab_start)
+    return dz
 
 
 def chunks(n: int, chunk_size: int) -> list[slice]:

@@ -34,6 +34,13 @@ from megatron_opd.loss.fp8 import Fp8Mode
 from megatron_opd.loss.reference import opd_loss
 
 
+def _dz_dtype(weight: torch.Tensor) -> torch.dtype:
+    """dL/dz goes into the gradient GEMMs in the weight's dtype on CUDA (tensor cores; half the traffic)."""
+    if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+        return weight.dtype
+    return torch.float32
+
+
 def _operand(x: torch.Tensor) -> torch.Tensor:
     """GEMM operand: half tensors stay half on CUDA (tensor cores); on CPU upcast once, not per chunk."""
     return x if x.is_cuda else x.float()
@@ -140,14 +147,14 @@ class LinearOPDTerms(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for sl in chunked.chunks(n, ctx.chunk_size):
             z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8 == "all")
-            chunked.logits_grad_(
+            dz = chunked.logits_grad_(
                 z, lse[sl], targets[sl], g_logp[sl],
                 None if g_s is None else ids[sl], None if g_s is None else g_s[sl],
-                vocab_start=ctx.vocab_start, backend=ctx.backend,
+                vocab_start=ctx.vocab_start, backend=ctx.backend, out_dtype=_dz_dtype(w),
             )  # fmt: skip
             gh = None if grad_h is None else grad_h[sl]
-            chunked.accumulate_grads(z, h[sl], w, gh, grad_w, ctx.fp8 != "off")
-            del z
+            chunked.accumulate_grads(dz, h[sl], w, gh, grad_w, ctx.fp8 != "off")
+            del z, dz
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         return (grad_h, grad_w) + (None,) * 10
@@ -200,7 +207,7 @@ class LinearOPDLoss(torch.autograd.Function):
                 if (g_kl is None or terms.s is None)
                 else chunked.kl_grad(terms.s, teacher[sl], renormalize, g_kl[sl])
             )
-            chunked.logits_grad_(
+            dz = chunked.logits_grad_(
                 z,
                 terms.lse,
                 targets[sl],
@@ -209,8 +216,9 @@ class LinearOPDLoss(torch.autograd.Function):
                 g_s,
                 vocab_start=vocab_start,
                 backend=backend,
+                out_dtype=_dz_dtype(w),
             )
-            chunked.accumulate_grads(z, h[sl], w, grad_h[sl], grad_w, fp8 != "off")
+            chunked.accumulate_grads(dz, h[sl], w, grad_h[sl], grad_w, fp8 != "off")
 
         logp, kl, _, _, _ = _forward_chunks(
             h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,

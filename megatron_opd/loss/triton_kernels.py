@@ -44,16 +44,17 @@ def _row_max_sumexp_kernel(z_ptr, stride_z, max_ptr, sumexp_ptr, V, BLOCK_V: tl.
 
 
 @triton.jit
-def _softmax_scale_kernel(z_ptr, stride_z, lse_ptr, coef_ptr, V, BLOCK_V: tl.constexpr):
+def _softmax_scale_kernel(z_ptr, stride_z, out_ptr, stride_out, lse_ptr, coef_ptr, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_z
+    out_base = out_ptr + row * stride_out
     lse = tl.load(lse_ptr + row)
     c = tl.load(coef_ptr + row)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
         x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        tl.store(base + offs, c * tl.exp(x - lse), mask=mask)
+        tl.store(out_base + offs, (c * tl.exp(x - lse)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(v: int, block_v: int | None) -> int:
@@ -75,13 +76,22 @@ def row_max_sumexp(z: torch.Tensor, block_v: int | None = None) -> tuple[torch.T
 
 
 def softmax_scale_(
-    z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, block_v: int | None = None
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    block_v: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In place: z <- coef * exp(z - lse) per row. z [C, V/tp] fp32, lse [C], coef [C] -> z."""
+    """out <- coef * exp(z - lse) per row; in place in z when ``out`` is None. z [C, V/tp] fp32, lse [C],
+    coef [C], out [C, V/tp] of any float dtype (bf16 halves the write and feeds the tensor-core GEMMs)."""
     assert z.dim() == 2 and z.stride(-1) == 1 and z.dtype == torch.float32
+    out = z if out is None else out
+    assert out.shape == z.shape and out.stride(-1) == 1
     c, v = z.shape
     if c:
         lse = lse.float().contiguous()
         coef = coef.float().contiguous()
-        _softmax_scale_kernel[(c,)](z, z.stride(0), lse, coef, v, BLOCK_V=_block(v, block_v))
-    return z
+        _softmax_scale_kernel[(c,)](
+            z, z.stride(0), out, out.stride(0), lse, coef, v, BLOCK_V=_block(v, block_v)
+        )
+    return out

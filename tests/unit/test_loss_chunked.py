@@ -63,3 +63,20 @@ def test_chunks_cover_all_tokens_once():
     sl = chunked.chunks(23, 8)
     assert [(s.start, s.stop) for s in sl] == [(0, 8), (8, 16), (16, 23)]
     assert chunked.chunks(0, 8) == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_grad_in_bf16_is_the_fp32_gradient_rounded(backend):
+    """out_dtype=bf16 (the CUDA path feeding tensor-core GEMMs): within two bf16 conversions of the fp32 dz
+    (the dense part, then the one-hot add), each at most one bf16 step (2^-7 relative; the Triton interpreter
+    truncates rather than rounds, see test_loss_triton_kernels.py)."""
+    g = torch.Generator().manual_seed(2)
+    z = 3 * torch.randn(6, 77, generator=g)
+    y = torch.randint(0, 77, (6,), generator=g)
+    g_logp, lse = torch.randn(6, generator=g), torch.logsumexp(z, -1)
+    ref = chunked.logits_grad_(z.clone(), lse, y, g_logp, None, None, vocab_start=0, backend="torch")
+    got = chunked.logits_grad_(
+        z.clone(), lse, y, g_logp, None, None, vocab_start=0, backend=backend, out_dtype=torch.bfloat16
+    )
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=1e-6, rtol=2 * 2**-7)

@@ -50,3 +50,18 @@ def test_softmax_scale_in_place(block_v):
 def test_empty_chunk():
     m, s = tk.row_max_sumexp(torch.empty(0, 17))
     assert m.shape == s.shape == (0,)
+
+
+def test_softmax_scale_into_a_bf16_block_leaves_z_alone():
+    """The CUDA gradient path writes dz straight into a bf16 block. Tolerance: one bf16 step, 2^-7 relative:
+    compiled Triton rounds to nearest even (2^-8), but the CPU interpreter truncates (measured: its result is
+    bit-equal to zeroing the low 16 bits), which costs up to a full step."""
+    z = _logits(5, 299, seed=2)
+    z0 = z.clone()
+    coef = torch.tensor([1.0, -2.0, 0.5, 0.5, 3.0])
+    out = torch.empty(z.shape, dtype=torch.bfloat16)
+    got = tk.softmax_scale_(z, torch.logsumexp(z, -1), coef, block_v=64, out=out)
+    assert got is out and torch.equal(z, z0)
+    torch.testing.assert_close(
+        out.float(), coef[:, None] * torch.softmax(z0, -1), atol=1e-6, rtol=2**-7, check_dtype=False
+    )
