@@ -308,6 +308,7 @@ def load_checkpoint(
                 f"{path} was saved before the first optimizer step; load it into a new optimizer"
             )
         if scheduler is not None and state["scheduler"] is not None:
+            scheduler.num_steps = 0  # Megatron's load_state_dict adds the saved count to the current one
             scheduler.load_state_dict(state["scheduler"])
     if load_rng:
         rng_file = os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt")

@@ -1,0 +1,218 @@
+"""The student step and checkpoints across layouts, on 2 gloo processes (one launch, several layouts in turn).
+
+Checked against one process running the whole batch (in the pytest process itself):
+- TP=2 loss and gradients == TP=1; PP=2 loss and gradients == PP=1; DP=2 with 2 micro-batches per rank ==
+  1 process with the whole batch as one micro-batch.
+- A checkpoint saved at TP=2 (after a step, with Adam state) loads at PP=2 and at TP=1 and gives the same loss
+  and the same next update as TP=2 continuing.
+- Stop after step k, resume (distributed optimizer, progressive horizon, data order in the trainer state):
+  losses of steps k+1..k+3 equal the uninterrupted run's exactly.
+
+Tolerances: all fp32. Changing the layout changes the order of floating-point sums (TP all-reduces partial
+matmul sums, DP/micro-batching sums gradients in another order), so values agree to fp32 rounding, not bit for
+bit: losses to rel 1e-5, gradients to rtol 1e-4 with atol 1e-6 (a few ulps of the largest gradient entries of
+this tiny model, ~1e-2). Resume within one layout replays the same operations and is compared exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron_opd.algorithms.horizon import HorizonWindow
+from megatron_opd.utils.spawn import run_on_ranks
+
+pytestmark = pytest.mark.distributed
+
+VOCAB = 100  # padded to 128 at TP=1 and 256 at TP=2: checkpoints must bridge the padding
+SEED = 7
+
+
+def _model_cfg():
+    from megatron_opd.config.tree import ModelConfig
+
+    return ModelConfig(
+        vocab_size=VOCAB, num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4
+    )
+
+
+def _batch(seed: int, n: int = 8, window: HorizonWindow | None = None):
+    from megatron_opd.training.batch import OPDBatch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [
+        torch.randint(0, VOCAB, (int(k),), generator=g).tolist()
+        for k in torch.randint(1, 5, (n,), generator=g)
+    ]
+    resps = [
+        torch.randint(0, VOCAB, (int(k),), generator=g).tolist()
+        for k in torch.randint(2, 10, (n,), generator=g)
+    ]
+    teacher = [(-3 * torch.rand(len(r), generator=g)).tolist() for r in resps]
+    return OPDBatch.from_lists(prompts, resps, teacher, window or HorizonWindow(0, 7, 10))
+
+
+def _setup(tp: int = 1, pp: int = 1, seed: int = SEED, distopt: bool = False, total_steps: int = 20):
+    from megatron_opd.config.tree import LossConfig, OptimizerConfig, ParallelConfig
+    from megatron_opd.model.builders import build_model_chunks
+    from megatron_opd.parallel.state import initialize_parallel
+    from megatron_opd.training.optimizer import setup_training
+    from megatron_opd.training.step import TrainStep
+
+    initialize_parallel(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed
+    )
+    chunks = build_model_chunks(_model_cfg())
+    opt = OptimizerConfig(
+        lr=1e-3, use_distributed_optimizer=distopt, lr_warmup_steps=2, lr_decay_style="cosine"
+    )
+    objs = setup_training(chunks, opt, total_steps=total_steps)
+    step = TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(gamma=0.5), vocab_size=VOCAB)
+    return chunks, objs, step
+
+
+def _full_grads(chunks) -> dict[str, torch.Tensor]:
+    """Every gradient in TP=1 form with global layer numbers (TP shards gathered, SwiGLU halves re-joined)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    tp, group = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_group()
+    layers_per_stage = _model_cfg().num_layers // mpu.get_pipeline_model_parallel_world_size()
+    offset = mpu.get_pipeline_model_parallel_rank() * layers_per_stage
+    out = {}
+    for name, p in chunks[0].named_parameters():
+        g = p.main_grad.detach().clone()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            if name.endswith("linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+                halves = [x.chunk(2, dim=0) for x in parts]
+                g = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            else:
+                g = torch.cat(parts, dim=p.partition_dim)
+        if "word_embeddings" in name or "output_layer" in name:
+            g = g[:VOCAB]  # padding rows differ in number between layouts (and get no gradient)
+        if name.startswith("decoder.layers."):
+            i = int(name.split(".")[2])
+            name = name.replace(f"decoder.layers.{i}.", f"decoder.layers.{i + offset}.", 1)
+        out[name] = g
+    return out
+
+
+def _summary(result) -> dict:
+    return {"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped}
+
+
+def _worker(rank: int, world: int, root: str) -> dict:
+    from megatron.core import parallel_state as mpu
+
+    from megatron_opd.algorithms.horizon import ProgressiveHorizon
+    from megatron_opd.training import checkpoint as ckpt
+
+    out: dict = {}
+    batch, batch2 = _batch(1), _batch(2)
+
+    # DP=2 (TP=1): each rank half of the batch as 2 micro-batches. Also writes the shared initial weights.
+    chunks, objs, step = _setup()
+    ckpt.save_checkpoint(
+        os.path.join(root, "init"), 0, objs.model, objs.optimizer, objs.scheduler, {"step": 0}
+    )
+    res = step(batch.shard(mpu.get_data_parallel_rank(), 2).split(2))
+    out["dp2"] = {**_summary(res), "grads": _full_grads(chunks)}
+
+    # TP=2: whole batch, one micro-batch; then save (with Adam state) and take one more step on batch2.
+    chunks, objs, step = _setup(tp=2, seed=99)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    res = step([batch])
+    out["tp2"] = {**_summary(res), "grads": _full_grads(chunks)}
+    ckpt.save_checkpoint(
+        os.path.join(root, "tp2"), 1, objs.model, objs.optimizer, objs.scheduler, {"step": 1}
+    )
+    out["tp2_next"] = _summary(step([batch2]))
+
+    # PP=2: whole batch as 2 micro-batches through the 1F1B schedule; then the TP=2 checkpoint at PP=2.
+    chunks, objs, step = _setup(pp=2, seed=98)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    res = step(batch.split(2))
+    out["pp2"] = {**_summary(res), "grads": _full_grads(chunks)}
+    chunks, objs, step = _setup(pp=2, seed=97)
+    ckpt.load_checkpoint(os.path.join(root, "tp2"), objs.model, objs.optimizer, objs.scheduler)
+    out["pp2_from_tp2"] = _summary(step(batch2.split(2)))
+
+    # Stop and resume at DP=2 with the distributed optimizer and a progressive horizon.
+    def run(step_fn, schedule, first: int, last: int) -> list[float]:
+        losses = []
+        for k in range(first, last):
+            b = _batch(100 + k, window=schedule.window(k)).shard(mpu.get_data_parallel_rank(), 2)
+            losses.append(step_fn(b.split(2)).loss)
+        return losses
+
+    k = 2
+    chunks, objs, step = _setup(distopt=True, seed=3)
+    sched = ProgressiveHorizon(10, h0=3, delta_h=2, delta_k=1)
+    run(step, sched, 0, k)
+    state = {"step": k, "consumed_prompts": 8 * k, "horizon": sched.state_dict()}
+    ckpt.save_checkpoint(os.path.join(root, "resume"), k, objs.model, objs.optimizer, objs.scheduler, state)
+    out["uninterrupted"] = run(step, sched, k, k + 3)
+    chunks, objs, step = _setup(distopt=True, seed=4)
+    sched = ProgressiveHorizon(10, h0=3, delta_h=2, delta_k=1)
+    loaded = ckpt.load_checkpoint(os.path.join(root, "resume"), objs.model, objs.optimizer, objs.scheduler)
+    sched.load_state_dict(loaded["trainer"]["horizon"])
+    start = loaded["trainer"]["step"]
+    out["resumed"] = run(step, sched, start, start + 3)
+    out["resumed_state"] = loaded["trainer"]
+    out["latest"] = ckpt.latest_iteration(os.path.join(root, "resume"))
+    return out
+
+
+def _assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str) -> None:
+    assert set(got) == set(ref), f"{what}: parameter names differ: {set(got) ^ set(ref)}"
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
+
+
+def test_layouts_match_one_process_and_checkpoints_move_between_layouts(tmp_path) -> None:
+    root = str(tmp_path)
+    results = run_on_ranks(_worker, 2, root)
+
+    # One process (this one), whole batch, TP=PP=DP=1, the same initial weights.
+    from megatron_opd.training import checkpoint as ckpt
+
+    chunks, objs, step = _setup(seed=1234)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    ref = step([_batch(1)])
+    ref_grads = _full_grads(chunks)
+    assert not ref.skipped and ref.grad_norm > 0
+
+    dp2 = results[0]["dp2"]
+    assert results[1]["dp2"]["loss"] == dp2["loss"]  # the step reports the global loss on every rank
+    for key in ("dp2", "tp2", "pp2"):
+        for rank in (0, 1):
+            r = results[rank][key]
+            assert not r["skipped"]
+            assert r["loss"] == pytest.approx(ref.loss, rel=1e-5), (key, rank)
+            assert r["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-4), (key, rank)
+    _assert_grads_close(results[0]["dp2"]["grads"], ref_grads, "DP=2")
+    _assert_grads_close(results[0]["tp2"]["grads"], ref_grads, "TP=2")
+    pp_grads = {**results[0]["pp2"]["grads"], **results[1]["pp2"]["grads"]}  # stage 0 and stage 1 halves
+    _assert_grads_close(pp_grads, ref_grads, "PP=2")
+
+    # The TP=2 checkpoint (after one step) at TP=1 (here) and at PP=2 (workers): same loss and grad norm on the
+    # next batch as TP=2 continuing, so weights and Adam state both moved between layouts.
+    chunks, objs, step = _setup(seed=4321)
+    ckpt.load_checkpoint(os.path.join(root, "tp2"), objs.model, objs.optimizer, objs.scheduler)
+    tp1_next = step([_batch(2)])
+    tp2_next = results[0]["tp2_next"]
+    for got in (tp1_next.loss, results[0]["pp2_from_tp2"]["loss"], results[1]["pp2_from_tp2"]["loss"]):
+        assert got == pytest.approx(tp2_next["loss"], rel=1e-5)
+    assert tp1_next.grad_norm == pytest.approx(tp2_next["grad_norm"], rel=1e-4)
+    # LR schedule restored: warmup over 2 updates gives 5e-4 at update 0 (ref) and 1e-3 at update 1.
+    assert ref.lr == pytest.approx(5e-4) and tp1_next.lr == pytest.approx(1e-3)
+
+    # Resume: identical losses for steps k+1..k+3, trainer state restored, marker points at the checkpoint.
+    for rank in (0, 1):
+        assert results[rank]["resumed"] == results[rank]["uninterrupted"]
+        assert results[rank]["resumed_state"]["consumed_prompts"] == 16
+        assert results[rank]["latest"] == 2
