@@ -128,8 +128,10 @@ class Decoder:
         self._inv_freq = inv.to(self.device)
 
     @classmethod
-    def from_hf_dir(cls, path: str, dtype: torch.dtype = torch.float32) -> Decoder:
-        state = {k: v.to(dtype) for k, v in load_hf_state_dict(path).items()}
+    def from_hf_dir(
+        cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> Decoder:
+        state = {k: v.to(device=device, dtype=dtype) for k, v in load_hf_state_dict(path).items()}
         return cls(DecoderConfig.from_hf_dir(path), state)
 
     def expected_names(self) -> list[str]:

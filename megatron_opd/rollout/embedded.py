@@ -108,10 +108,12 @@ class EmbeddedEngine:
         self.max_batch_size = max_batch_size
 
     @classmethod
-    def from_hf_dir(cls, path: str, *, dtype: torch.dtype = torch.float32, **kw) -> EmbeddedEngine:
+    def from_hf_dir(
+        cls, path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw
+    ) -> EmbeddedEngine:
         kw.setdefault("eos_token_ids", read_eos_token_ids(path))
         kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
-        return cls(Decoder.from_hf_dir(path, dtype=dtype), **kw)
+        return cls(Decoder.from_hf_dir(path, dtype=dtype, device=device), **kw)
 
     def health(self) -> bool:
         return True

@@ -26,9 +26,11 @@ class EmbeddedScorer:
         self.max_tokens_per_batch = max_tokens_per_batch
 
     @classmethod
-    def from_hf_dir(cls, path: str, *, dtype: torch.dtype = torch.float32, **kw) -> EmbeddedScorer:
+    def from_hf_dir(
+        cls, path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw
+    ) -> EmbeddedScorer:
         kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
-        return cls(Decoder.from_hf_dir(path, dtype=dtype), **kw)
+        return cls(Decoder.from_hf_dir(path, dtype=dtype, device=device), **kw)
 
     def response_logits(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]]
