@@ -12,6 +12,11 @@ minutes on 2 CPU cores and reused afterwards. Both are ``Qwen2ForCausalLM`` (hid
   model cannot compute, so its accuracy is far below the teacher's. Its mistakes sit at the response's first
   token (the format choice): what on-policy distillation, and cheaply its short horizons, can fix.
 Everything is keyed by a hash of the recipe under ``cache_dir/<hash>/``; a second call returns at once.
+
+Measured with the default recipe (2026-11-30, one thread on the shared 2-core machine, 256 held-out problems):
+teacher greedy 1.00 (sampled at T=1: 0.98), student greedy 0.00 (sampled: 0.16, with the step format in 0.21 of
+samples); about 105 s of CPU time for both. A throwaway token-level OPD loop (HF models, 16 prompts x 4 samples,
+Adam lr 1e-4, full horizon) lifted the student's greedy accuracy to 0.93 in 10 steps and 0.96-0.98 by 20.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class ToyRecipe:
     lr: float = 3e-3
     """Peak SFT learning rate (AdamW, linear warmup, cosine decay to 10%)."""
     warmup_steps: int = 30
-    teacher_steps: int = 800
+    teacher_steps: int = 600
     """SFT steps of the teacher."""
     student_init: Literal["teacher", "scratch"] = "teacher"
     """Start the student from the teacher's weights (a short fine-tune) or from a fresh initialisation."""
