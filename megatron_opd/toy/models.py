@@ -235,6 +235,16 @@ def _save_model(model: Any, tokenizer: Any, path: str, eos_id: int, pad_id: int)
     from transformers import GenerationConfig
 
     model.save_pretrained(path, safe_serialization=True)
+    # transformers 5 writes the RoPE base only inside rope_parameters; readers on transformers 4 (SGLang) look
+    # for the top-level key and would silently fall back to Qwen2's 1e6.
+    cfg_json = os.path.join(path, "config.json")
+    with open(cfg_json, encoding="utf-8") as f:
+        hf_cfg = json.load(f)
+    theta = (hf_cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        hf_cfg.setdefault("rope_theta", theta)
+    with open(cfg_json, "w", encoding="utf-8") as f:
+        json.dump(hf_cfg, f, indent=2)
     tokenizer.save_pretrained(path)
     # the saved tokenizer_config must keep the version-portable class name written by save_char_tokenizer
     with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
