@@ -124,6 +124,7 @@ class Decoder:
         self.load(state.items(), strict=True)
         any_w = self.params["model.embed_tokens.weight"]
         self.dtype, self.device = any_w.dtype, any_w.device
+        self._fuse()
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self._inv_freq = inv.to(self.device)
 
@@ -133,6 +134,30 @@ class Decoder:
     ) -> Decoder:
         state = {k: v.to(device=device, dtype=dtype) for k, v in load_hf_state_dict(path).items()}
         return cls(DecoderConfig.from_hf_dir(path), state)
+
+    def _fuse(self) -> None:
+        """Store q/k/v (and gate/up) of each layer in one tensor, the HF-named params becoming views of it.
+
+        One GEMM instead of three (two) per layer per step; ``load`` copies into the views, so in-place weight
+        updates reach the fused tensors with no second copy of the weights.
+        """
+        c, p = self.cfg, self.params
+        self.fused: dict[str, torch.Tensor] = {}
+        for i in range(c.num_layers):
+            pre = f"model.layers.{i}."
+            groups = {
+                "qkv.weight": [pre + f"self_attn.{n}_proj.weight" for n in "qkv"],
+                "gate_up.weight": [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"],
+            }
+            if c.qkv_bias:
+                groups["qkv.bias"] = [pre + f"self_attn.{n}_proj.bias" for n in "qkv"]
+            for key, names in groups.items():
+                fused = torch.cat([p[n] for n in names], 0)
+                self.fused[pre + key] = fused
+                row = 0
+                for n in names:
+                    p[n] = fused[row : row + p[n].shape[0]]
+                    row += p[n].shape[0]
 
     def expected_names(self) -> list[str]:
         c = self.cfg
@@ -209,9 +234,10 @@ class Decoder:
         for i in range(c.num_layers):
             pre = f"model.layers.{i}."
             h = _rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
-            q = F.linear(h, p[pre + "self_attn.q_proj.weight"], p.get(pre + "self_attn.q_proj.bias"))
-            k = F.linear(h, p[pre + "self_attn.k_proj.weight"], p.get(pre + "self_attn.k_proj.bias"))
-            v = F.linear(h, p[pre + "self_attn.v_proj.weight"], p.get(pre + "self_attn.v_proj.bias"))
+            qkv = F.linear(h, self.fused[pre + "qkv.weight"], self.fused.get(pre + "qkv.bias"))
+            q, k, v = qkv.split(
+                [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1
+            )
             q = q.view(B, L, c.num_heads, c.head_dim).transpose(1, 2)
             k = k.view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
             v = v.view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -227,8 +253,7 @@ class Decoder:
             a = a.transpose(1, 2).reshape(B, L, c.num_heads * c.head_dim)
             x = x + F.linear(a, p[pre + "self_attn.o_proj.weight"])
             h = _rms_norm(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
-            g = F.linear(h, p[pre + "mlp.gate_proj.weight"])
-            u = F.linear(h, p[pre + "mlp.up_proj.weight"])
+            g, u = F.linear(h, self.fused[pre + "gate_up.weight"]).chunk(2, -1)
             x = x + F.linear(F.silu(g) * u, p[pre + "mlp.down_proj.weight"])
         return _rms_norm(x, p["model.norm.weight"], c.rms_norm_eps)
 

@@ -68,18 +68,24 @@ def iter_named_tensors(
 def _sample(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """One token per row. logits [B, V] fp32 -> [B] int64. temperature 0 = greedy."""
+    """One token per row. logits [B, V] fp32 -> [B] int64. temperature 0 = greedy.
+
+    Inverse-CDF sampling: one uniform per row located in the cumulative probabilities, so only B random numbers
+    are drawn per step (``torch.multinomial`` and an exponential race both cost V per row on CPU, several times
+    this). A zero-probability token (a top-p cut) has an empty CDF interval and is never picked.
+    """
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
     if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
-        return order.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs.masked_fill((probs.cumsum(-1) - probs) >= top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 
 class EmbeddedEngine:

@@ -166,3 +166,26 @@ def test_update_weights_in_memory(qwen_dir, tmp_path):
     assert after.logprobs != before.logprobs
     with pytest.raises(KeyError, match="unexpected weight"):
         eng.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+
+
+def test_sampler_draws_from_the_softmax_and_respects_top_p():
+    from megatron_opd.rollout.embedded import _sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    draws = _sample(logits.expand(n, -1), 1.0, 1.0, gen)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    # Binomial std <= sqrt(0.25 / n) = 0.0025; 0.01 is 4 sigma.
+    assert (freq - torch.softmax(logits, -1)).abs().max().item() < 0.01
+    draws = _sample(logits.expand(n, -1), 0.5, 1.0, gen)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert (freq - torch.softmax(logits / 0.5, -1)).abs().max().item() < 0.01
+    # top_p = 0.8: the nucleus is the smallest prefix reaching 0.8 of the mass; renormalised inside, zero outside.
+    p = torch.softmax(logits, -1)
+    keep = (p.cumsum(-1) - p) < 0.8
+    draws = _sample(logits.expand(n, -1), 1.0, 0.8, gen)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    want = torch.where(keep, p, torch.zeros_like(p))
+    assert freq[~keep].sum().item() == 0.0
+    assert (freq - want / want.sum()).abs().max().item() < 0.01
