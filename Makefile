@@ -46,6 +46,7 @@ format: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_loss.py
+	$(VPY) benchmarks/bench_rollout.py
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
