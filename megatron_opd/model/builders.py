@@ -117,6 +117,9 @@ def transformer_config(
         sequence_parallel=sequence_parallel,
         # Responses differ in length from batch to batch (truncated horizons): shapes are exchanged per step.
         variable_seq_lengths=True,
+        # Batched p2p over gloo mismatches a forward activation and a backward gradient sent to the same peer at
+        # once (PP=2 with the interleaved schedule gave wrong activations); unbatched sends keep their order.
+        batch_p2p_comm=not cpu,
         # variable_seq_lengths passes Megatron's config check only with this dispatcher (no MoE is used).
         moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=cpu,
@@ -157,6 +160,14 @@ def build_model(
     The output is vocab-parallel: logits [B, S, V_padded / TP] when called without labels.
     """
     use_te = use_transformer_engine(model_cfg)
+    if sequence_parallel and not use_te:
+        try:
+            import apex  # noqa: F401  (the local spec's norm supports sequence parallelism only through apex)
+        except ImportError:
+            raise RuntimeError(
+                "parallel.sequence_parallel needs Transformer-Engine layers (or apex): Megatron's local spec falls "
+                "back to torch norms, which do not support it; disable sequence_parallel on this machine"
+            ) from None
     config = transformer_config(model_cfg, sequence_parallel=sequence_parallel, use_te=use_te)
     vocab = padded_vocab_size(
         model_cfg.vocab_size,

@@ -1,8 +1,9 @@
 """The student step and checkpoints across layouts, on 2 gloo processes (one launch, several layouts in turn).
 
 Checked against one process running the whole batch (in the pytest process itself):
-- TP=2 loss and gradients == TP=1; PP=2 loss and gradients == PP=1; DP=2 with 2 micro-batches per rank ==
-  1 process with the whole batch as one micro-batch.
+- TP=2 loss and gradients == TP=1; PP=2 (1F1B) and PP=2 x VPP=2 (interleaved) == PP=1; DP=2 with 2
+  micro-batches per rank == 1 process with the whole batch as one micro-batch; the fused (chunked) LM-head
+  loss at TP=2 == the reference path.
 - A checkpoint saved at TP=2 (after a step, with Adam state) loads at PP=2 and at TP=1 and gives the same loss
   and the same next update as TP=2 continuing.
 - Stop after step k, resume (distributed optimizer, progressive horizon, data order in the trainer state):
@@ -30,11 +31,16 @@ VOCAB = 100  # padded to 128 at TP=1 and 256 at TP=2: checkpoints must bridge th
 SEED = 7
 
 
-def _model_cfg():
+def _model_cfg(divisible_by: int = 128):
     from megatron_opd.config.tree import ModelConfig
 
     return ModelConfig(
-        vocab_size=VOCAB, num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4
+        vocab_size=VOCAB,
+        make_vocab_size_divisible_by=divisible_by,
+        num_layers=4,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
     )
 
 
@@ -54,7 +60,16 @@ def _batch(seed: int, n: int = 8, window: HorizonWindow | None = None):
     return OPDBatch.from_lists(prompts, resps, teacher, window or HorizonWindow(0, 7, 10))
 
 
-def _setup(tp: int = 1, pp: int = 1, seed: int = SEED, distopt: bool = False, total_steps: int = 20):
+def _setup(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    seed: int = SEED,
+    distopt: bool = False,
+    impl: str = "reference",
+    divisible_by: int = 128,
+    total_steps: int = 20,
+):
     from megatron_opd.config.tree import LossConfig, OptimizerConfig, ParallelConfig
     from megatron_opd.model.builders import build_model_chunks
     from megatron_opd.parallel.state import initialize_parallel
@@ -64,12 +79,14 @@ def _setup(tp: int = 1, pp: int = 1, seed: int = SEED, distopt: bool = False, to
     initialize_parallel(
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed
     )
-    chunks = build_model_chunks(_model_cfg())
+    chunks = build_model_chunks(_model_cfg(divisible_by))
     opt = OptimizerConfig(
         lr=1e-3, use_distributed_optimizer=distopt, lr_warmup_steps=2, lr_decay_style="cosine"
     )
     objs = setup_training(chunks, opt, total_steps=total_steps)
-    step = TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(gamma=0.5), vocab_size=VOCAB)
+    step = TrainStep(
+        objs.model, objs.optimizer, objs.scheduler, LossConfig(gamma=0.5), vocab_size=VOCAB, impl=impl
+    )
     return chunks, objs, step
 
 
@@ -79,25 +96,27 @@ def _full_grads(chunks) -> dict[str, torch.Tensor]:
     from megatron.core import parallel_state as mpu
 
     tp, group = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_group()
-    layers_per_stage = _model_cfg().num_layers // mpu.get_pipeline_model_parallel_world_size()
-    offset = mpu.get_pipeline_model_parallel_rank() * layers_per_stage
     out = {}
-    for name, p in chunks[0].named_parameters():
-        g = p.main_grad.detach().clone()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(g) for _ in range(tp)]
-            dist.all_gather(parts, g.contiguous(), group=group)
-            if name.endswith("linear_fc1.weight"):  # each rank holds [gate_r; up_r]
-                halves = [x.chunk(2, dim=0) for x in parts]
-                g = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-            else:
-                g = torch.cat(parts, dim=p.partition_dim)
-        if "word_embeddings" in name or "output_layer" in name:
-            g = g[:VOCAB]  # padding rows differ in number between layouts (and get no gradient)
-        if name.startswith("decoder.layers."):
-            i = int(name.split(".")[2])
-            name = name.replace(f"decoder.layers.{i}.", f"decoder.layers.{i + offset}.", 1)
-        out[name] = g
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            g = p.main_grad.detach().clone()
+            if tp > 1 and getattr(p, "tensor_model_parallel", False):
+                parts = [torch.empty_like(g) for _ in range(tp)]
+                dist.all_gather(parts, g.contiguous(), group=group)
+                if name.endswith("linear_fc1.weight"):  # each rank holds [gate_r; up_r]
+                    halves = [x.chunk(2, dim=0) for x in parts]
+                    g = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+                else:
+                    g = torch.cat(parts, dim=p.partition_dim)
+            if "word_embeddings" in name or "output_layer" in name:
+                g = g[:VOCAB]  # padding rows differ in number between layouts (and get no gradient)
+            if name.startswith("decoder.layers."):
+                i = int(name.split(".")[2])
+                global_i = (
+                    chunk.decoder.layers[i].layer_number - 1
+                )  # PP/VPP stages hold a slice of the layers
+                name = name.replace(f"decoder.layers.{i}.", f"decoder.layers.{global_i}.", 1)
+            out[name] = g
     return out
 
 
@@ -140,6 +159,17 @@ def _worker(rank: int, world: int, root: str) -> dict:
     chunks, objs, step = _setup(pp=2, seed=97)
     ckpt.load_checkpoint(os.path.join(root, "tp2"), objs.model, objs.optimizer, objs.scheduler)
     out["pp2_from_tp2"] = _summary(step(batch2.split(2)))
+
+    # Interleaved pipeline (PP=2 x VPP=2: four chunks of one layer) and the fused LM-head loss at TP=2.
+    chunks, objs, step = _setup(pp=2, vpp=2, seed=96)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    res = step(batch.split(4))
+    out["vpp2"] = {**_summary(res), "grads": _full_grads(chunks)}
+    # (the fused path needs real vocabulary rows on every TP rank: pad 100 to 128, not 256)
+    chunks, objs, step = _setup(tp=2, seed=95, impl="chunked", divisible_by=64)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    res = step(batch.split(2))
+    out["tp2_fused"] = {**_summary(res), "grads": _full_grads(chunks)}
 
     # Stop and resume at DP=2 with the distributed optimizer and a progressive horizon.
     def run(step_fn, schedule, first: int, last: int) -> list[float]:
@@ -188,7 +218,7 @@ def test_layouts_match_one_process_and_checkpoints_move_between_layouts(tmp_path
 
     dp2 = results[0]["dp2"]
     assert results[1]["dp2"]["loss"] == dp2["loss"]  # the step reports the global loss on every rank
-    for key in ("dp2", "tp2", "pp2"):
+    for key in ("dp2", "tp2", "pp2", "vpp2", "tp2_fused"):
         for rank in (0, 1):
             r = results[rank][key]
             assert not r["skipped"]
@@ -198,6 +228,8 @@ def test_layouts_match_one_process_and_checkpoints_move_between_layouts(tmp_path
     _assert_grads_close(results[0]["tp2"]["grads"], ref_grads, "TP=2")
     pp_grads = {**results[0]["pp2"]["grads"], **results[1]["pp2"]["grads"]}  # stage 0 and stage 1 halves
     _assert_grads_close(pp_grads, ref_grads, "PP=2")
+    _assert_grads_close({**results[0]["vpp2"]["grads"], **results[1]["vpp2"]["grads"]}, ref_grads, "VPP=2")
+    _assert_grads_close(results[0]["tp2_fused"]["grads"], ref_grads, "TP=2 fused")
 
     # The TP=2 checkpoint (after one step) at TP=1 (here) and at PP=2 (workers): same loss and grad norm on the
     # next batch as TP=2 continuing, so weights and Adam state both moved between layouts.
