@@ -104,6 +104,14 @@ def test_horizon_truncated_generation(server, models, ref_a):
         assert (torch.tensor(res.logprobs[i]) - want).abs().max().item() <= ATOL
 
 
+def test_logprobs_are_temperature_one_whatever_the_sampling_temperature(server, ref_a):
+    # The launcher sets SGLANG_RETURN_ORIGINAL_LOGPROB=1; without it SGLang reports log softmax(z / T).
+    res = SGLangEngine(_client(server)).generate(
+        PROMPTS, n=2, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=0
+    )
+    assert _maxdiff(res.logprobs, ref_a.score(res.prompt_ids, res.response_ids).logprobs) <= ATOL
+
+
 def test_teacher_scoring_with_topk(server, ref_a):
     cfg = TeacherConfig(backend="sglang", sglang_urls=[server.url], topk=4, topk_strategy="student")
     scorer = build_teacher_scorer(cfg, max_concurrency=8, request_timeout_s=60)  # probes the server

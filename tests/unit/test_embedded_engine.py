@@ -134,6 +134,14 @@ def test_rows_dropped_after_eos_keep_exact_logprobs(qwen_dir):
         assert res.topk_ids[i] == ref.topk_ids[i]
 
 
+def test_logprobs_are_temperature_one(qwen_dir):
+    eng = EmbeddedEngine.from_hf_dir(qwen_dir)
+    res = eng.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=0)
+    ref = EmbeddedScorer.from_hf_dir(qwen_dir).score(res.prompt_ids, res.response_ids)
+    for got, want in zip(res.logprobs, ref.logprobs):
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
+
+
 def test_tiny_top_p_is_greedy(qwen_dir):
     eng = EmbeddedEngine.from_hf_dir(qwen_dir, eos_token_ids=[])
     greedy = eng.generate(PROMPTS, n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
