@@ -24,6 +24,9 @@ from megatron_opd.parallel import cpu_compat
 
 logger = logging.getLogger(__name__)
 
+_SINGLE_PROCESS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+_env_set_here = False
+
 
 @dataclass(frozen=True)
 class ParallelInfo:
@@ -61,10 +64,11 @@ def _init_process_group(backend_choice: str, timeout_minutes: int) -> str:
         raise RuntimeError(
             "parallel.distributed_backend is 'nccl' but CUDA is not available; use 'gloo' or 'auto'"
         )
+    global _env_set_here
     if "RANK" not in os.environ:  # a plain single-process launch
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        os.environ["LOCAL_RANK"] = "0"
+        _env_set_here = True
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
@@ -142,8 +146,13 @@ def initialize_parallel(parallel_cfg: ParallelConfig, seed: int) -> ParallelInfo
 
 
 def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the process group (end of a run or a test)."""
+    """Tear down Megatron's groups and the process group (end of a run or a test). The CPU redirects stay."""
+    global _env_set_here
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _env_set_here:  # a later single-process start picks a fresh port
+        for key in _SINGLE_PROCESS_ENV:
+            os.environ.pop(key, None)
+        _env_set_here = False

@@ -31,6 +31,19 @@ VOCAB = 100  # padded to 128 at TP=1 and 256 at TP=2: checkpoints must bridge th
 SEED = 7
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
+    import torch.distributed as dist
+
+    from megatron_opd.parallel.state import destroy_parallel
+
+    started_here = not dist.is_initialized()
+    yield
+    if started_here:
+        destroy_parallel()
+
+
 def _model_cfg(divisible_by: int = 128):
     from megatron_opd.config.tree import ModelConfig
 

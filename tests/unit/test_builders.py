@@ -28,6 +28,19 @@ QWEN2_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
+    import torch.distributed as dist
+
+    from megatron_opd.parallel.state import destroy_parallel
+
+    started_here = not dist.is_initialized()
+    yield
+    if started_here:
+        destroy_parallel()
+
+
 @pytest.mark.parametrize(
     "vocab, divisible_by, tp, expected",
     [(128, 128, 1, 128), (129, 128, 1, 256), (128, 128, 2, 256), (151936, 128, 4, 152064), (1, 1, 1, 1)],

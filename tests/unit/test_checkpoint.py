@@ -22,6 +22,19 @@ MODEL = ModelConfig(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
+    import torch.distributed as dist
+
+    from megatron_opd.parallel.state import destroy_parallel
+
+    started_here = not dist.is_initialized()
+    yield
+    if started_here:
+        destroy_parallel()
+
+
 def _setup(seed: int):
     initialize_parallel(ParallelConfig(), seed=seed)
     chunks = build_model_chunks(MODEL)

@@ -15,6 +15,19 @@ from megatron_opd.parallel.state import initialize_parallel
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-absent path")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
+    import torch.distributed as dist
+
+    from megatron_opd.parallel.state import destroy_parallel
+
+    started_here = not dist.is_initialized()
+    yield
+    if started_here:
+        destroy_parallel()
+
+
 def test_initialize_single_process_and_redirects() -> None:
     info = initialize_parallel(ParallelConfig(), seed=7)
     assert (info.world_size, info.tp_size, info.pp_size, info.dp_size) == (1, 1, 1, 1)

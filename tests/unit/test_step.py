@@ -26,6 +26,19 @@ MODEL = ModelConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, ffn_hidden_s
 WINDOW = HorizonWindow(0, 8, 12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
+    import torch.distributed as dist
+
+    from megatron_opd.parallel.state import destroy_parallel
+
+    started_here = not dist.is_initialized()
+    yield
+    if started_here:
+        destroy_parallel()
+
+
 def _batch(seed: int = 0, n: int = 8, window=WINDOW, topk: int = 0) -> OPDBatch:
     g = torch.Generator().manual_seed(seed)
     prompts = [
