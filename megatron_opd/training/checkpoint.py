@@ -24,6 +24,7 @@ re-layout; this module adds what a trainer needs around it:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -220,21 +221,24 @@ def save_checkpoint(
         if optimizer is None
         else ("saved" if _optimizer_has_state(optimizer) else "fresh"),
     }
+    # Every rank checks (the state is the same everywhere), so a bad state fails on all ranks, not a hang.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"trainer state is not loadable with weights_only=True (plain types only): {e}"
+        ) from e
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(root):  # leftovers of interrupted saves
             if name.endswith(".tmp") and os.path.isdir(os.path.join(root, name)):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
-        path = os.path.join(tmp, TRAINER_STATE_FILE)
-        torch.save(state, path)
-        try:
-            torch.load(path, weights_only=True)
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"trainer state is not loadable with weights_only=True (plain types only): {e}"
-            ) from e
+        with open(os.path.join(tmp, TRAINER_STATE_FILE), "wb") as f:
+            f.write(buffer.getvalue())
     dist.barrier()
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
 
