@@ -77,6 +77,8 @@ def load_eval_set(
         if sep and head in checker_names():
             checker_name, path = head, tail
         name = os.path.splitext(os.path.basename(path))[0]
+        if sep and head in checker_names():
+            name = f"{checker_name}_{name}"  # e.g. toy_addition_eval: the task, not just the file name
         if not os.path.exists(path):
             raise DataError(
                 path,

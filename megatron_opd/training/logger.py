@@ -96,6 +96,7 @@ class RunLogger:
         if self.progress_bar:
             sys.stderr.write("\r" + " " * 60 + "\r")
         keys = console_keys or tuple(k for k in row if k.startswith(("loss", "horizon/end", "time/step_s")))
+        keys = tuple(keys) + tuple(k for k in row if "/avg@" in k and k not in keys)  # evaluations, when any
         parts = [f"{k}={_fmt(row[k])}" for k in keys if k in row]
         print(f"step {step:>5} | " + " | ".join(parts), flush=True)
 

@@ -85,10 +85,11 @@ def _print_summary(run: R.Run, before: dict[str, float], after: dict[str, float]
         return
     for key in sorted(k for k in after if k.startswith("eval/") and "/avg@" in k):
         teacher = before.get(key.replace("eval/", "eval_teacher/", 1))
-        parts = [f"student before {before[key]:.3f}" if key in before else None, f"after {after[key]:.3f}"]
+        start = f"{before[key]:.3f} -> " if key in before else ""
+        line = f"{key.removeprefix('eval/')}: student {start}{after[key]:.3f}"
         if teacher is not None:
-            parts.append(f"teacher {teacher:.3f}")
-        run.logger.text(f"{key}: " + ", ".join(p for p in parts if p))
+            line += f" (teacher {teacher:.3f})"
+        run.logger.text(line)
 
 
 def main() -> None:

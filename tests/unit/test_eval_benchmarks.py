@@ -30,7 +30,7 @@ def test_custom_path_with_checker_prefix(tmp_path):
     p = tmp_path / "mine.jsonl"
     p.write_text(json.dumps({"prompt": "a1+A2:", "answer": "03"}) + "\n")
     s = load_eval_set(f"toy_addition:{p}")
-    assert s.name == "mine" and s.prompts() == ["a1+A2:"] and s.checker("a1+A2+0=03;=03", "03")
+    assert s.name == "toy_addition_mine" and s.prompts() == ["a1+A2:"] and s.checker("a1+A2+0=03;=03", "03")
     m = load_eval_set(str(p))
     assert m.checker is math_verify_checker and m.prompt_template == MATH_PROMPT_TEMPLATE
 
