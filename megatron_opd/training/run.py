@@ -404,6 +404,7 @@ def step_scalars(run: Run, step: int, result: StepResult, stats: dict[str, float
     """The step's scalars: train metrics, rollout statistics, horizon state and throughput."""
     out = {**result.scalars(), **stats, **run.schedule.describe(step)}
     secs = run.logger.phase_seconds
+    out.update({f"time/{phase}_s": sec for phase, sec in secs.items()})
     for phase, key in (("rollout", "rollout/generated_tokens"), ("train", "train/tokens")):
         if secs.get(phase, 0) > 0 and key in out:
             out[f"throughput/{phase}_tokens_per_s"] = out[key] / secs[phase]
