@@ -44,10 +44,13 @@ def _own_process_group():
         destroy_parallel()
 
 
-def _model_cfg(divisible_by: int = 128):
+def _model_cfg(divisible_by: int = 128, tied: bool = False):
     from megatron_opd.config.tree import ModelConfig
 
     return ModelConfig(
+        architecture="llama" if tied else "qwen2",
+        add_qkv_bias=not tied,
+        untie_embeddings_and_output_weights=not tied,
         vocab_size=VOCAB,
         make_vocab_size_divisible_by=divisible_by,
         num_layers=4,
@@ -81,6 +84,7 @@ def _setup(
     distopt: bool = False,
     impl: str = "reference",
     divisible_by: int = 128,
+    tied: bool = False,
     total_steps: int = 20,
 ):
     from megatron_opd.config.tree import LossConfig, OptimizerConfig, ParallelConfig
@@ -92,7 +96,7 @@ def _setup(
     initialize_parallel(
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed
     )
-    chunks = build_model_chunks(_model_cfg(divisible_by))
+    chunks = build_model_chunks(_model_cfg(divisible_by, tied))
     opt = OptimizerConfig(
         lr=1e-3, use_distributed_optimizer=distopt, lr_warmup_steps=2, lr_decay_style="cosine"
     )
@@ -184,6 +188,19 @@ def _worker(rank: int, world: int, root: str) -> dict:
     res = step(batch.split(2))
     out["tp2_fused"] = {**_summary(res), "grads": _full_grads(chunks)}
 
+    # Llama-style tied embeddings: at PP=2 the LM head (last stage) and the embedding (first stage) are two
+    # copies kept equal by Megatron's embedding group; 3 steps at PP=2 must match DP=2 (== one process).
+    for name, layout in (("tied_dp2", {}), ("tied_pp2", {"pp": 2})):
+        chunks, objs, step = _setup(seed=11 if layout else 12, tied=True, **layout)
+        tied_root = os.path.join(root, "tied")
+        if layout:
+            ckpt.load_checkpoint(tied_root, objs.model, objs.optimizer, objs.scheduler)
+        else:
+            ckpt.save_checkpoint(tied_root, 0, objs.model, objs.optimizer, objs.scheduler, {"step": 0})
+        dp = mpu.get_data_parallel_world_size()
+        mine = batch.shard(mpu.get_data_parallel_rank(), dp).split(2 // dp)
+        out[name] = [step(mine).loss for _ in range(3)]
+
     # Stop and resume at DP=2 with the distributed optimizer and a progressive horizon.
     def run(step_fn, schedule, first: int, last: int) -> list[float]:
         losses = []
@@ -255,6 +272,9 @@ def test_layouts_match_one_process_and_checkpoints_move_between_layouts(tmp_path
     assert tp1_next.grad_norm == pytest.approx(tp2_next["grad_norm"], rel=1e-4)
     # LR schedule restored: warmup over 2 updates gives 5e-4 at update 0 (ref) and 1e-3 at update 1.
     assert ref.lr == pytest.approx(5e-4) and tp1_next.lr == pytest.approx(1e-3)
+
+    for rank in (0, 1):
+        assert results[rank]["tied_pp2"] == pytest.approx(results[rank]["tied_dp2"], rel=1e-5)
 
     # Resume: identical losses for steps k+1..k+3, trainer state restored, marker points at the checkpoint.
     for rank in (0, 1):
