@@ -6,6 +6,7 @@ Checked against one process running the whole batch (in the pytest process itsel
   loss at TP=2 == the reference path.
 - A checkpoint saved at TP=2 (after a step, with Adam state) loads at PP=2 and at TP=1 and gives the same loss
   and the same next update as TP=2 continuing.
+- Tied embeddings (Llama style) at PP=2 follow DP=2 for 3 steps (the two copies of the shared weight stay equal).
 - Stop after step k, resume (distributed optimizer, progressive horizon, data order in the trainer state):
   losses of steps k+1..k+3 equal the uninterrupted run's exactly.
 
