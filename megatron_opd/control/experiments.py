@@ -39,30 +39,34 @@ AR_OBSTACLE = (5.0, 0.0, 1.5)
 class ControlScale:
     """How large a reproduction run is (``SHORT`` for CI, ``FULL`` for the docs)."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Distillation seeds (pre-training always uses seed 0)."""
+    simple_seeds: tuple[int, ...] = (0, 1)
+    """Distillation seeds of the simple-task runs (pre-training always uses seed 0)."""
     angles: tuple[float, ...] = (30.0, 45.0, 60.0, 75.0, 90.0)
     """Fig. 3 mismatch angles in degrees between teacher and initial-student targets."""
     simple_pretrain_steps: int = 100
     """REINFORCE steps for each simple-task policy."""
-    simple_distill_steps: int = 300
+    simple_distill_steps: int = 400
     """OPD steps per simple-task run."""
     simple_lr: float = 1e-3
     """Adam learning rate of simple-task distillation."""
+    simple_eval_every: int = 20
+    """Evaluate simple-task students every this many steps."""
+    ar_seeds: tuple[int, ...] = (0, 1, 2)
+    """Distillation seeds of the autoregressive-task runs."""
     ar_angle: float = 60.0
     """Mismatch angle of the autoregressive task (Table 2)."""
-    ar_pretrain_steps: int = 200
+    ar_pretrain_steps: int = 150
     """REINFORCE steps for each autoregressive-task policy."""
     ar_distill_steps: int = 150
     """OPD/POPD/TOPD steps per autoregressive run."""
     ar_lr: float = 1e-3
     """Adam learning rate of autoregressive-task distillation."""
+    ar_eval_every: int = 10
+    """Evaluate autoregressive-task students every this many steps."""
     topd_rhos: tuple[float, ...] = (0.25, 0.2, 0.1)
     """TOPD truncation ratios of Table 2."""
     batch: int = 64
     """Episodes per training step."""
-    eval_every: int = 10
-    """Evaluate the student every this many steps."""
     eval_episodes: int = 256
     """Episodes per evaluation (the paper's avg@256)."""
     plot_episodes: int = 16
@@ -71,13 +75,15 @@ class ControlScale:
 
 FULL = ControlScale()
 SHORT = ControlScale(
-    seeds=(0,),
+    simple_seeds=(0,),
     angles=(90.0,),
-    simple_pretrain_steps=60,
-    simple_distill_steps=60,
+    simple_pretrain_steps=50,
+    simple_distill_steps=40,
+    simple_eval_every=10,
+    ar_seeds=(0,),
     ar_pretrain_steps=60,
-    ar_distill_steps=60,
-    eval_every=10,
+    ar_distill_steps=50,
+    topd_rhos=(0.25, 0.1),
     eval_episodes=128,
     plot_episodes=8,
 )
@@ -140,9 +146,10 @@ def _run(
     gamma: float,
     steps: int,
     lr: float,
+    every: int,
     seed: int,
     s: ControlScale,
-):
+) -> dict[str, Any]:
     student = copy.deepcopy(student0)
     torch.manual_seed(seed)
     hist = distill(
@@ -154,7 +161,7 @@ def _run(
         steps=steps,
         batch=s.batch,
         lr=lr,
-        eval_every=s.eval_every,
+        eval_every=every,
         eval_episodes=s.eval_episodes,
         generator=_gen(10_000 + seed),
         eval_generator=_gen(20_000 + seed),
@@ -188,10 +195,11 @@ def run_fig3(s: ControlScale, *, log=print) -> dict[str, Any]:
                     gamma,
                     s.simple_distill_steps,
                     s.simple_lr,
+                    s.simple_eval_every,
                     seed,
                     s,
                 )
-                for seed in s.seeds
+                for seed in s.simple_seeds
             ]
         out["angles"][str(int(angle))] = rec
         log(f"fig3 angle {angle:.0f}: {_summary(rec, ('token', 'sequence'))} ({time.time() - t0:.0f}s)")
@@ -215,10 +223,11 @@ def run_fig14(s: ControlScale, angle_deg: float = 90.0, *, log=print) -> dict[st
                 gamma,
                 s.simple_distill_steps,
                 s.simple_lr,
+                s.simple_eval_every,
                 seed,
                 s,
             )
-            for seed in s.seeds
+            for seed in s.simple_seeds
         ]
     log(f"fig14 angle {angle_deg:.0f}: {_summary(rec, ('token', 'sequence'))} ({time.time() - t0:.0f}s)")
     return rec
@@ -259,8 +268,8 @@ def run_table2(
     for name, horizon in (methods or ar_methods(s)).items():
         t1 = time.time()
         out["methods"][name] = [
-            _run(student0, teacher, env, horizon, 0.0, s.ar_distill_steps, s.ar_lr, seed, s)
-            for seed in s.seeds
+            _run(student0, teacher, env, horizon, 0.0, s.ar_distill_steps, s.ar_lr, s.ar_eval_every, seed, s)
+            for seed in s.ar_seeds
         ]
         log(f"table2 {name}: {_summary(out['methods'], (name,))} ({time.time() - t1:.0f}s)")
     return out

@@ -214,7 +214,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     lines = ["# Control-task reproduction: generated results", ""]
     meta = results.get("meta", {})
     if meta:
-        lines += ["| run | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
+        lines += ["| part | mode | wall-clock (s, one thread) |", "|---|---|---|"]
+        lines += [f"| {p} | {m['mode']} | {m['wall_clock_s']} |" for p, m in meta.items()] + [""]
     fig3 = results.get("fig3")
     if fig3 is not None:
         plot_fig3(fig3, out_dir / "fig3_token_vs_sequence.png")
