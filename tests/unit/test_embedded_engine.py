@@ -49,7 +49,9 @@ def test_generate_logprobs_match_transformers(model_dir):
 
 def test_teacher_scores_match_transformers(model_dir):
     eng = EmbeddedEngine.from_hf_dir(model_dir)
-    sc = EmbeddedScorer.from_hf_dir(model_dir, max_tokens_per_batch=30)  # forces several chunks
+    sc = EmbeddedScorer.from_hf_dir(
+        model_dir, max_tokens_per_batch=30, logits_block=3
+    )  # several chunks, blocks
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     res = eng.generate(PROMPTS, n=2, max_new_tokens=10, temperature=1.0, top_p=1.0, seed=3, topk=3)
     t = sc.score(res.prompt_ids, res.response_ids, topk=3, strategy="teacher")
