@@ -31,7 +31,7 @@ $(SGL_STAMP): requirements/sglang.txt requirements/sglang-constraints.txt
 	PYTHONPATH=requirements/sglang_stubs SGLANG_USE_CPU_ENGINE=1 $(SGL_VENV)/bin/python -c "import sglang.srt.entrypoints.http_server"
 	touch $(SGL_STAMP)
 
-test: setup
+test: setup sglang-env
 	$(VPY) -m pytest tests -q -rs --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
