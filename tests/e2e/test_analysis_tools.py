@@ -62,3 +62,36 @@ def test_prefix_continuation_tool(setup, tmp_path):
     assert set(res["accuracy"]) == {"0.0", "0.5"}
     assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
     assert (tmp_path / "prefix_continuation.png").stat().st_size > 1000
+
+
+def _segment_worker(rank, world, d, out):
+    argv = [
+        "--out", out, "--starts", "0.0", "0.5", "--width", "0.1", "--",
+        "--model.hf_path", str(d / "student"),
+        "--teacher.hf_path", str(d / "teacher"),
+        "--train.data_path", str(d / "data.jsonl"),
+        "--train.apply_chat_template", "false",
+        "--global-batch-size", "4",
+        "--n-samples-per-prompt", "2",
+        "--micro-batch-size", "2",
+        "--rollout.max_response_length", "20",
+        "--lr", "1e-3",
+        "--loss.impl", "reference",
+        "--logging.progress_bar", "false",
+        "--train.train_steps", "2",
+    ]  # fmt: skip
+    return _tool("segment_ablation").main(argv)
+
+
+def test_segment_ablation_tool(setup, tmp_path):
+    from megatron_opd.utils.spawn import run_on_ranks
+
+    res = run_on_ranks(_segment_worker, 1, setup, str(tmp_path))[0]
+    assert list(res) == ["0-10%", "50-60%"]
+    for label, (a, b) in (("0-10%", (0, 2)), ("50-60%", (10, 12))):
+        steps = res[label]["steps"]
+        assert len(steps) == 2
+        for s in steps:
+            assert (s["horizon/start"], s["horizon/end"]) == (a, b)  # distil [a, b) of T_max = 20
+            assert 0 < s["train/tokens"] <= 4 * 2 * (b - a)
+    assert (tmp_path / "segments.md").exists() and (tmp_path / "0-10pct" / "metrics.jsonl").exists()
