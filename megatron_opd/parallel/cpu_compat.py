@@ -17,6 +17,11 @@ The redirects:
 5. The model-parallel RNG tracker (attention always forks it, even with dropout 0) -> a tracker whose named
    states are states of the CPU generator.
 6. The CUDA RNG get/set used by activation recompute -> the CPU generator's get/set.
+7. Activation recompute re-runs the forward inside autograd's backward, where Python function modes are not
+   active: its backward is wrapped to re-enter the redirect mode (the causal mask is built with device="cuda").
+
+The mode of 3-4 is entered on the thread that applies the redirects (the training thread); Megatron code run
+from another thread would not see it.
 """
 
 from __future__ import annotations
@@ -93,6 +98,23 @@ def _install_cpu_rng_tracker() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _wrap_recompute_backward() -> None:
+    """Redirect 7: re-enter the redirect mode around the recompute forward that runs during backward."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def with_mode(backward):
+        def wrapped(ctx, *grads):
+            if any(isinstance(m, _CudaToCpuMode) for m in torch.overrides._get_current_function_mode_stack()):
+                return backward(ctx, *grads)
+            with _CudaToCpuMode():
+                return backward(ctx, *grads)
+
+        return staticmethod(wrapped)
+
+    for fn in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+        fn.backward = with_mode(fn.backward)
+
+
 def reset_cpu_rng_tracker() -> None:
     """Re-install a fresh CPU tracker (Megatron's ``force_reset_rng`` would bring back the CUDA one)."""
     if _APPLIED:
@@ -111,6 +133,7 @@ def apply_cpu_compat() -> bool:
     _MODE = _CudaToCpuMode()  # 3, 4
     _MODE.__enter__()
     _install_cpu_rng_tracker()  # 5, 6
+    _wrap_recompute_backward()  # 7
     _APPLIED = True
     logger.info("CUDA is absent: Megatron-core CPU redirects applied (megatron_opd.parallel.cpu_compat)")
     return True
