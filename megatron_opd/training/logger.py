@@ -48,11 +48,14 @@ class RunLogger:
         self._start = time.time()
         self._writer = None
         self._jsonl = None
+        self._prompts_jsonl = None
         if not enabled:
             return
+        self._prompts_jsonl = None
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+            self._jsonl = _open_append(os.path.join(log_dir, "metrics.jsonl"))
+            self._prompts_jsonl = _open_append(os.path.join(log_dir, "consumed_prompts.jsonl"))
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -100,6 +103,15 @@ class RunLogger:
         parts = [f"{k}={_fmt(row[k])}" for k in keys if k in row]
         print(f"step {step:>5} | " + " | ".join(parts), flush=True)
 
+    def log_prompts(self, step: int, epoch: int, indices: list[int]) -> None:
+        """Append {step, epoch, indices} to ``consumed_prompts.jsonl``: which prompts step ``step`` trained on.
+
+        A resumed run repeats the steps after its checkpoint, so the last line of a step is the one in the weights.
+        """
+        if self._prompts_jsonl is not None:
+            self._prompts_jsonl.write(json.dumps({"step": step, "epoch": epoch, "indices": indices}) + "\n")
+            self._prompts_jsonl.flush()
+
     def text(self, message: str) -> None:
         if self.enabled:
             if self.progress_bar:
@@ -111,6 +123,24 @@ class RunLogger:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._prompts_jsonl is not None:
+            self._prompts_jsonl.close()
+
+
+def _open_append(path: str):
+    """Open a jsonl log for appending; a last line cut short by a killed run is ended first, so the resumed
+    run's rows start on their own line (the cut line stays unparseable and readers skip it)."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+    else:
+        cut = False
+    f = open(path, "a", encoding="utf-8")  # noqa: SIM115
+    if cut:
+        f.write("\n")
+        f.flush()
+    return f
 
 
 def _fmt(v: Any) -> str:

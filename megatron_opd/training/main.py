@@ -56,6 +56,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         ):
             log.log(done, scalars, console_keys=_CONSOLE)
         run.history.append({"step": done, **scalars})
+        log.log_prompts(done, prompts.epoch, prompts.indices)
         if cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0:
             R.save(run, done)
 
