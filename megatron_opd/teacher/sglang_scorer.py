@@ -17,10 +17,18 @@ returned logprobs. With repeated tokens the union is far below run x K. (``retur
 teacher's LM head in the trainer would serve any id set without this, but moves [T, hidden] per sample; not done.)
 
 Every response is scored completely or the call raises (``SGLangClient.map``): never a half-scored sample.
+
+SGLang 0.5.23 relabels the LAST vocabulary id (``vocab_size - 1``) as 0 in ``input_token_logprobs``
+(``x if x < vocab_size - 1 else 0`` in its logprob_result_processor; the logprob value itself is that of the real
+id). The per-position id check accepts exactly that relabelling; ``vocab_size`` comes from the served model's
+config.json (``/model_info``) at ``probe``, or the constructor. Unknown, any id reported as 0 is accepted (the
+entry count still pins the alignment).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from megatron_opd.rollout.sglang_client import SGLangClient
@@ -59,9 +67,26 @@ def _entries(meta: dict[str, Any], key: str, expect: int) -> list:
 class SGLangScorer:
     """``TeacherScorer`` over SGLang servers (see the module docstring)."""
 
-    def __init__(self, client: SGLangClient, *, max_ids_per_request: int = 256):
+    def __init__(
+        self, client: SGLangClient, *, max_ids_per_request: int = 256, vocab_size: int | None = None
+    ):
         self.client = client
         self.max_ids_per_request = max_ids_per_request
+        self.vocab_size = vocab_size
+
+    def _served_vocab_size(self) -> int | None:
+        """``vocab_size`` of the model the first server serves, when its config.json is readable from here."""
+        try:
+            info = self.client.get("/model_info", url=self.client.urls[0]).json()
+            with open(os.path.join(str(info["model_path"]), "config.json"), encoding="utf-8") as f:
+                return int(json.load(f)["vocab_size"])
+        except Exception:  # noqa: BLE001 - optional: without it the id check is only looser
+            return None
+
+    def _same_token(self, reported: int, want: int) -> bool:
+        if reported == want:
+            return True
+        return reported == 0 and (self.vocab_size is None or want == self.vocab_size - 1)
 
     def probe(self, topk: int, strategy: TopKStrategy) -> None:
         """Start-up check that the servers return what ``strategy`` needs (raises RuntimeError if not)."""
@@ -76,6 +101,8 @@ class SGLangScorer:
             p["top_logprobs_num"], key = topk, "input_top_logprobs"
         elif topk > 0:
             p["token_ids_logprob"], key = [2, 3], "input_token_ids_logprobs"
+        if self.vocab_size is None:
+            self.vocab_size = self._served_vocab_size()
         for url in self.client.urls:
             meta = self.client.post("/generate", p, url=url).get("meta_info", {})
             if len(meta.get("input_token_logprobs") or []) != 3 or (key and len(meta.get(key) or []) != 3):
@@ -123,8 +150,11 @@ class SGLangScorer:
             meta = out.get("meta_info") or {}
             toks = _entries(meta, "input_token_logprobs", e - s)
             for t, entry in enumerate(toks):
-                if int(entry[1]) != response_ids[i][s + t]:
-                    raise RolloutError(f"SGLang scoring: sample {i} position {s + t} scored the wrong token")
+                if not self._same_token(int(entry[1]), response_ids[i][s + t]):
+                    raise RolloutError(
+                        f"SGLang scoring: sample {i} position {s + t} scored token {entry[1]}, "
+                        f"not {response_ids[i][s + t]}"
+                    )
                 lps[i][s + t] = float(entry[0])
             if topk > 0 and strategy == "teacher":
                 for t, top in enumerate(_entries(meta, "input_top_logprobs", e - s)):
