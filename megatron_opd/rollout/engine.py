@@ -16,7 +16,7 @@ from megatron_opd.config.tree import RolloutConfig, TeacherConfig
 from megatron_opd.rollout.types import RolloutResult
 from megatron_opd.teacher.scorer import TeacherScorer
 
-__all__ = ["RolloutEngine", "build_rollout_engine", "build_teacher_scorer"]
+__all__ = ["RolloutEngine", "build_rollout_engine", "build_teacher_scorer", "check_served_model"]
 
 
 class RolloutEngine(Protocol):
@@ -47,6 +47,56 @@ def _client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries
     return SGLangClient(urls, max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries)
 
 
+_FINGERPRINT = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _fingerprint(model_dir: str) -> dict[str, object] | None:
+    """The architecture fields of ``model_dir/config.json`` (None when it is not readable from here)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return {k: cfg.get(k) for k in _FINGERPRINT}
+
+
+def check_served_model(client, expected_dir: str, role: str) -> None:
+    """Refuse servers that serve another model than ``expected_dir`` (their ``/model_info`` names a model whose
+    config.json differs in architecture or vocabulary) or a non-generative one. Servers that do not answer
+    ``/model_info``, or whose model path is not readable from this host, are not checked (a warning says so)."""
+    import logging
+
+    import requests
+
+    from megatron_opd.rollout.types import RolloutError
+
+    want = _fingerprint(expected_dir)
+    for url in client.urls:
+        try:
+            r = client.get("/model_info", url=url)
+            info = r.json() if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            info = None
+        if not isinstance(info, dict) or "model_path" not in info:
+            logging.getLogger(__name__).warning(
+                "%s server %s gave no /model_info: model not checked", role, url
+            )
+            continue
+        served = str(info["model_path"])
+        if info.get("is_generation") is False:
+            raise RolloutError(f"{role} server {url} serves {served}, a non-generative model")
+        got = _fingerprint(served)
+        if want is not None and got is not None and got != want:
+            diff = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in _FINGERPRINT if got[k] != want[k])
+            raise RolloutError(
+                f"{role} server {url} serves {served}, not {expected_dir} ({diff}); "
+                f"restart it with --model-path {expected_dir} or fix the configured URL"
+            )
+
+
 def build_rollout_engine(
     cfg: RolloutConfig,
     *,
@@ -74,6 +124,7 @@ def build_rollout_engine(
     client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries)
     if not client.health():
         raise RuntimeError(f"SGLang rollout servers not healthy: {cfg.sglang_urls}")
+    check_served_model(client, hf_path, "student (rollout)")
     if cfg.weight_sync == "distributed":
         from megatron_opd.rollout.sglang_server import free_port
 
@@ -106,5 +157,7 @@ def build_teacher_scorer(
     from megatron_opd.teacher.sglang_scorer import SGLangScorer
 
     scorer = SGLangScorer(_client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries))
+    if hf_path or cfg.hf_path:
+        check_served_model(scorer.client, hf_path or cfg.hf_path, "teacher")
     scorer.probe(cfg.topk, cfg.topk_strategy)
     return scorer

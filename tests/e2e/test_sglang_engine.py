@@ -164,6 +164,18 @@ def test_weight_update_distributed_then_disk(server, models, ref_a, ref_b, tmp_p
     assert _maxdiff(scorer.score(prompts, responses).logprobs, a_lp) <= ATOL
 
 
+def test_a_server_serving_another_model_is_refused(server, tmp_path):
+    other = make_tiny_hf_model(str(tmp_path / "wider"), vocab_size=192, seed=3)
+    cfg = RolloutConfig(backend="sglang", sglang_urls=[server.url], request_timeout_s=60)
+    with pytest.raises(
+        RolloutError, match=r"student \(rollout\) server .* not .*wider \(vocab_size 128 vs 192\)"
+    ):
+        build_rollout_engine(cfg, hf_path=other)
+    teacher = TeacherConfig(backend="sglang", sglang_urls=[server.url], hf_path=other)
+    with pytest.raises(RolloutError, match=r"teacher server .* \(vocab_size 128 vs 192\)"):
+        build_teacher_scorer(teacher, request_timeout_s=60)
+
+
 def test_unreachable_server_error_names_url(server):
     dead = f"http://127.0.0.1:{free_port()}"
     client = SGLangClient([dead], max_retries=1, backoff_s=0.05, timeout_s=5)
