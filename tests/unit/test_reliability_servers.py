@@ -165,7 +165,7 @@ def test_teacher_scores_of_other_tokens_are_refused():
 
     with _Server(wrong_tokens) as srv:
         scorer = SGLangScorer(SGLangClient([srv.url], max_retries=0))
-        with pytest.raises(RolloutError, match="sample 0 position 0 scored the wrong token"):
+        with pytest.raises(RolloutError, match="sample 0 position 0 scored token 99, not 5"):
             scorer.score([[1, 2]], [[5, 6]])
 
 
