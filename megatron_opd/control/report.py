@@ -168,8 +168,9 @@ def plot_fig8(t2: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"OPD": ("tab:blue", "-"), "POPD": ("tab:green", "-")}
+    others = iter(["tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:gray"])
     for name, runs in t2["methods"].items():
-        color, ls = styles.get(name, (None, ":"))
+        color, ls = styles[name] if name in styles else (next(others), ":")
         curve = mean_curve(runs)
         axes[0].plot(runs[0]["eval_steps"], curve, color=color, ls=ls, label=name)
         axes[1].plot(mean_curve(runs, "env_steps"), curve, color=color, ls=ls, label=name)
