@@ -46,6 +46,21 @@ def _model_params_in_order(opt: Any) -> list[tuple[torch.nn.Parameter, int, int]
     return out
 
 
+def _main_params(opt: Any) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Model param -> this rank's fp32 main shard (the tensor the inner Adam updates).
+
+    Built from the optimizer's own paired group lists: Megatron's ``_get_main_param_and_optimizer_states``
+    indexes by the position in the mixed group, which is wrong when a group holds both fp32 and bf16 params
+    (local-spec norms stay fp32 in a bf16 model)."""
+    out = {}
+    for g in range(len(opt.model_float16_groups)):
+        for mp, sp in zip(opt.model_fp32_groups[g], opt.shard_fp32_groups[g]):
+            out[mp] = sp
+        for mp, sp in zip(opt.model_float16_groups[g], opt.shard_fp32_from_float16_groups[g]):
+            out[mp] = sp
+    return out
+
+
 def _param_to_sharded(model_sd: dict[str, Any]) -> dict[torch.Tensor, Any]:
     tensors, _ = extract_sharded_tensors_and_factories(model_sd)
     return {sh.data: sh for sh in nested_values(tensors)}
@@ -69,6 +84,7 @@ def sharded_state_dict(
     param_meta = _param_to_sharded(model_sd)
     out: dict[str, Any] = {}
     for i, opt in enumerate(_sub_optimizers(optimizer)):
+        mains = _main_params(opt)
         tensors: dict[str, dict[str, Any]] = {}
         for idx, (param, start, end) in enumerate(_model_params_in_order(opt)):
             meta = param_meta.get(param)
@@ -82,8 +98,8 @@ def sharded_state_dict(
             else:
                 flat = torch.zeros(len(keys), param.numel(), dtype=torch.float32, device=param.device)
                 if end > start:
-                    state = opt._get_main_param_and_optimizer_states(param)
-                    state["fp32_param"] = state.pop("param")
+                    main = mains[param]
+                    state = {"fp32_param": main, **opt.optimizer.state[main]}
                     for j, k in enumerate(keys):
                         flat[j, start:end] = state[k].detach().float()
                 dist.all_reduce(
@@ -111,6 +127,7 @@ def load_state_dict(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> Non
         )
     for i, opt in enumerate(subs):
         entry = loaded["distopt"][f"sub{i}"]
+        mains = _main_params(opt)
         opt.load_state_dict(entry["common"])  # allocates the shards and sets param groups and step
         # Without apex/TE, Megatron gives every parameter the SAME step tensor, and torch's Adam increments each
         # parameter's step in place: shared, it would advance once per parameter per update. Un-share it.
@@ -121,9 +138,11 @@ def load_state_dict(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> Non
             if end == start:
                 continue  # another DP rank holds all of this parameter's state
             full = entry["tensors"][str(idx)]
-            device = param.device
-            src = dict(opt._get_main_param_and_optimizer_states(param))  # keeps Adam's step set from 'common'
-            src.update({k: full[k].reshape(-1)[start:end].to(device) for k in _STATE_KEYS})
+            main = mains[param]
+            state = opt.optimizer.state[main]
+            for (
+                k
+            ) in _STATE_KEYS:  # new tensors: Megatron's allocation can mis-size them in mixed-dtype groups
+                state[k] = full[k].reshape(-1)[start:end].to(device=main.device, dtype=torch.float32).clone()
             fp32 = full["fp32_param"] if "fp32_param" in full else param.detach().float()
-            src["param"] = fp32.reshape(-1)[start:end].to(device)
-            opt._set_main_param_and_optimizer_states(param, src)
+            main.data.copy_(fp32.reshape(-1)[start:end])

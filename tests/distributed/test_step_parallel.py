@@ -7,7 +7,7 @@ Checked against one process running the whole batch (in the pytest process itsel
 - A checkpoint saved at TP=2 (after a step, with Adam state) loads at PP=2 and at TP=1 and gives the same loss
   and the same next update as TP=2 continuing.
 - Tied embeddings (Llama style) at PP=2 follow DP=2 for 3 steps (the two copies of the shared weight stay equal).
-- Stop after step k, resume (distributed optimizer, progressive horizon, data order in the trainer state):
+- Stop after step k, resume (distributed optimizer with bf16 params, progressive horizon, data order in the trainer state):
   losses of steps k+1..k+3 equal the uninterrupted run's exactly.
 
 Tolerances: all fp32. Changing the layout changes the order of floating-point sums (TP all-reduces partial
@@ -45,7 +45,7 @@ def _own_process_group():
         destroy_parallel()
 
 
-def _model_cfg(divisible_by: int = 128, tied: bool = False):
+def _model_cfg(divisible_by: int = 128, tied: bool = False, bf16: bool = False):
     from megatron_opd.config.tree import ModelConfig
 
     return ModelConfig(
@@ -53,6 +53,7 @@ def _model_cfg(divisible_by: int = 128, tied: bool = False):
         add_qkv_bias=not tied,
         untie_embeddings_and_output_weights=not tied,
         vocab_size=VOCAB,
+        params_dtype="bfloat16" if bf16 else "float32",
         make_vocab_size_divisible_by=divisible_by,
         num_layers=4,
         hidden_size=32,
@@ -86,6 +87,7 @@ def _setup(
     impl: str = "reference",
     divisible_by: int = 128,
     tied: bool = False,
+    bf16: bool = False,
     total_steps: int = 20,
 ):
     from megatron_opd.config.tree import LossConfig, OptimizerConfig, ParallelConfig
@@ -97,7 +99,7 @@ def _setup(
     initialize_parallel(
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed
     )
-    chunks = build_model_chunks(_model_cfg(divisible_by, tied))
+    chunks = build_model_chunks(_model_cfg(divisible_by, tied, bf16))
     opt = OptimizerConfig(
         lr=1e-3, use_distributed_optimizer=distopt, lr_warmup_steps=2, lr_decay_style="cosine"
     )
@@ -202,7 +204,8 @@ def _worker(rank: int, world: int, root: str) -> dict:
         mine = batch.shard(mpu.get_data_parallel_rank(), dp).split(2 // dp)
         out[name] = [step(mine).loss for _ in range(3)]
 
-    # Stop and resume at DP=2 with the distributed optimizer and a progressive horizon.
+    # Stop and resume at DP=2 with the distributed optimizer (bf16 params, fp32 main params and Adam state
+    # sharded over DP) and a progressive horizon.
     def run(step_fn, schedule, first: int, last: int) -> list[float]:
         losses = []
         for k in range(first, last):
@@ -211,13 +214,13 @@ def _worker(rank: int, world: int, root: str) -> dict:
         return losses
 
     k = 2
-    chunks, objs, step = _setup(distopt=True, seed=3)
+    chunks, objs, step = _setup(distopt=True, bf16=True, seed=3)
     sched = ProgressiveHorizon(10, h0=3, delta_h=2, delta_k=1)
     run(step, sched, 0, k)
     state = {"step": k, "consumed_prompts": 8 * k, "horizon": sched.state_dict()}
     ckpt.save_checkpoint(os.path.join(root, "resume"), k, objs.model, objs.optimizer, objs.scheduler, state)
     out["uninterrupted"] = run(step, sched, k, k + 3)
-    chunks, objs, step = _setup(distopt=True, seed=4)
+    chunks, objs, step = _setup(distopt=True, bf16=True, seed=4)
     sched = ProgressiveHorizon(10, h0=3, delta_h=2, delta_k=1)
     loaded = ckpt.load_checkpoint(os.path.join(root, "resume"), objs.model, objs.optimizer, objs.scheduler)
     sched.load_state_dict(loaded["trainer"]["horizon"])
