@@ -261,6 +261,37 @@ def save_checkpoint(
     return final
 
 
+def _shapes_differ(saved: tuple[int, ...], mine: tuple[int, ...], padded_rows: bool) -> bool:
+    # Megatron marks the vocabulary-padded tensors (embedding, output layer) allow_shape_mismatch: their row
+    # count follows the TP size, so only the other dimensions identify the architecture.
+    return saved[1:] != mine[1:] or len(saved) != len(mine) if padded_rows else saved != mine
+
+
+def _check_architecture(model_sd: dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint of another architecture with one clear message (instead of a shape error deep in
+    ``torch.distributed.checkpoint``): every model tensor must be in it with the same global shape."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(os.path.join(path, "dist"))
+    problems = []
+    for t in nested_values(model_sd):
+        if not isinstance(t, ShardedTensor):
+            continue
+        if t.key not in saved:
+            problems.append(f"{t.key}: not in the checkpoint (this model {tuple(t.global_shape)})")
+        elif _shapes_differ(tuple(saved[t.key].global_shape), tuple(t.global_shape), t.allow_shape_mismatch):
+            problems.append(
+                f"{t.key}: checkpoint {tuple(saved[t.key].global_shape)}, this model {tuple(t.global_shape)}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"{path} is a checkpoint of another architecture than model.hf_path's ({len(problems)} tensors differ, "
+            f"e.g. {'; '.join(sorted(set(problems))[:3])}); load a checkpoint of this model, or save this run "
+            "elsewhere (checkpoint.save / checkpoint.load)"
+        )
+
+
 def load_checkpoint(
     root: str,
     model: list[torch.nn.Module],
@@ -298,6 +329,7 @@ def load_checkpoint(
         logger.warning("loading weights only from %s: the optimizer state starts afresh", path)
 
     model_sd = _model_sharded_state_dict(model)
+    _check_architecture(model_sd, path)
     sharded: dict[str, Any] = {"model": model_sd}
     if want_opt and state["optimizer_state"] == "saved":
         sharded["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
