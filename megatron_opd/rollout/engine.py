@@ -71,10 +71,12 @@ def check_served_model(client, expected_dir: str, role: str) -> None:
 
     import requests
 
+    from megatron_opd.rollout.sglang_client import redact_url
     from megatron_opd.rollout.types import RolloutError
 
     want = _fingerprint(expected_dir)
     for url in client.urls:
+        name = redact_url(url)
         try:
             r = client.get("/model_info", url=url)
             info = r.json() if r.status_code == 200 else None
@@ -82,17 +84,17 @@ def check_served_model(client, expected_dir: str, role: str) -> None:
             info = None
         if not isinstance(info, dict) or "model_path" not in info:
             logging.getLogger(__name__).warning(
-                "%s server %s gave no /model_info: model not checked", role, url
+                "%s server %s gave no /model_info: model not checked", role, name
             )
             continue
         served = str(info["model_path"])
         if info.get("is_generation") is False:
-            raise RolloutError(f"{role} server {url} serves {served}, a non-generative model")
+            raise RolloutError(f"{role} server {name} serves {served}, a non-generative model")
         got = _fingerprint(served)
         if want is not None and got is not None and got != want:
             diff = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in _FINGERPRINT if got[k] != want[k])
             raise RolloutError(
-                f"{role} server {url} serves {served}, not {expected_dir} ({diff}); "
+                f"{role} server {name} serves {served}, not {expected_dir} ({diff}); "
                 f"restart it with --model-path {expected_dir} or fix the configured URL"
             )
 
@@ -122,8 +124,10 @@ def build_rollout_engine(
     if cfg.weight_sync == "disk" and weight_sync_dir is None:
         raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
     client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries)
+    from megatron_opd.rollout.sglang_client import redact_url
+
     if not client.health():
-        raise RuntimeError(f"SGLang rollout servers not healthy: {cfg.sglang_urls}")
+        raise RuntimeError(f"SGLang rollout servers not healthy: {[redact_url(u) for u in cfg.sglang_urls]}")
     check_served_model(client, hf_path, "student (rollout)")
     if cfg.weight_sync == "distributed":
         from megatron_opd.rollout.sglang_server import free_port

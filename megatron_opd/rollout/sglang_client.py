@@ -21,7 +21,18 @@ import requests
 
 from megatron_opd.rollout.types import RolloutError
 
-__all__ = ["SGLangClient"]
+__all__ = ["SGLangClient", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials (``http://user:token@host`` -> ``http://***@host``), for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{path}"
 
 
 class _Fatal(Exception):
@@ -87,9 +98,9 @@ class SGLangClient:
             try:
                 return self._post_once(target, path, payload, timeout_s)
             except _Fatal as e:
-                raise RolloutError(f"SGLang {target}{path} rejected the request: {e}") from None
+                raise RolloutError(f"SGLang {redact_url(target)}{path} rejected the request: {e}") from None
             except (requests.RequestException, ValueError) as e:
-                errors.append(f"{target}: {type(e).__name__}: {e}")
+                errors.append(f"{redact_url(target)}: {type(e).__name__}: {e}")
                 if attempt < self.max_retries:
                     time.sleep(self.backoff_s * 2**attempt)
         raise RolloutError(

@@ -31,7 +31,7 @@ import json
 import os
 from typing import Any
 
-from megatron_opd.rollout.sglang_client import SGLangClient
+from megatron_opd.rollout.sglang_client import SGLangClient, redact_url
 from megatron_opd.rollout.types import RolloutError
 from megatron_opd.teacher.scorer import TeacherScores, TopKStrategy, check_score_request
 
@@ -107,7 +107,7 @@ class SGLangScorer:
             meta = self.client.post("/generate", p, url=url).get("meta_info", {})
             if len(meta.get("input_token_logprobs") or []) != 3 or (key and len(meta.get(key) or []) != 3):
                 raise RuntimeError(
-                    f"SGLang server {url} cannot serve teacher scoring with top-K strategy {strategy!r} "
+                    f"SGLang server {redact_url(url)} cannot serve teacher scoring with top-K strategy {strategy!r} "
                     f"(no per-position {key or 'input_token_logprobs'} in a prefill-only answer)"
                 )
 
