@@ -16,10 +16,13 @@ re-layout; this module adds what a trainer needs around it:
   restored when the layout (world size, TP, PP) is unchanged.
 - Optimizer. The regular optimizer's state is stored in model space and re-shards with the model. The
   distributed optimizer's own formats did not round-trip on megatron-core 0.16.1, so its state is gathered
-  here into the same model-space form (one fp32 tensor per parameter and state, exactly as the regular
-  optimizer stores it) and scattered back to each rank's shard on load: both optimizers read each other's
-  checkpoints and any layout loads any checkpoint. A checkpoint saved without optimizer state cannot be
-  resumed with ``load_optimizer=True``: that fails loudly instead of silently resetting Adam.
+  here into the same model-space form (one fp32 tensor per parameter and state, as the regular optimizer
+  stores it; ``distopt_checkpoint.py``) and scattered back to each rank's shard on load, so it re-shards over
+  TP, PP and DP too. Resume with the same kind of optimizer it was saved with (the non-tensor part differs
+  between the two). A checkpoint saved without optimizer state cannot be resumed with
+  ``load_optimizer=True``: that fails loudly instead of silently resetting Adam.
+- Vocabulary padding may differ between layouts (Megatron pads to a multiple of divisible_by x TP): the
+  embedding and LM-head tensors are loaded with Megatron's shape-mismatch allowance.
 """
 
 from __future__ import annotations
