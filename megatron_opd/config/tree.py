@@ -153,6 +153,17 @@ class ParallelConfig:
         return dp
 
 
+def _check_launch(section: str, launch: bool, backend: str, urls: list[str]) -> None:
+    if launch and backend != "sglang":
+        fail(f"{section}.launch_server", launch, f"{section}.backend 'sglang'")
+    if launch and urls:
+        fail(
+            f"{section}.launch_server",
+            launch,
+            f"no {section}.sglang_urls (the launched server's URL is used)",
+        )
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     """How the student samples responses (the rollout engine)."""
@@ -179,6 +190,11 @@ class RolloutConfig:
     """Retries per request, with exponential backoff, before the step fails naming the server."""
     weight_sync: Literal["distributed", "disk"] = "distributed"
     """How new student weights reach SGLang: a collective broadcast, or a checkpoint the server reloads."""
+    launch_server: bool = False
+    """backend 'sglang': rank 0 starts an SGLang server for model.hf_path on loopback at start-up (.venv-sglang;
+    fp32 on CPU), uses it as sglang_urls and stops it at exit. One node only; at scale start servers yourself."""
+    launch_args: list[str] = field(default_factory=list)
+    """Extra ``sglang.launch_server`` flags for a launched server (e.g. ``--mem-fraction-static 0.3`` on GPU)."""
 
     def __post_init__(self) -> None:
         check_range("rollout.temperature", self.temperature, 0.0)
@@ -191,6 +207,7 @@ class RolloutConfig:
         for url in self.sglang_urls:
             if not url.startswith(("http://", "https://")):
                 fail("rollout.sglang_urls", url, "URLs starting with http:// or https://")
+        _check_launch("rollout", self.launch_server, self.backend, self.sglang_urls)
 
 
 @dataclass(kw_only=True)
@@ -209,12 +226,20 @@ class TeacherConfig:
     """Whose top-K tokens the KL term runs over: the student's (paper default) or the teacher's."""
     allow_vocab_padding_mismatch: bool = True
     """Accept a teacher whose embedding rows differ from the student's when the tokenizers are identical."""
+    launch_server: bool = False
+    """backend 'sglang': rank 0 starts an SGLang server for hf_path on loopback at start-up and stops it at exit
+    (as rollout.launch_server)."""
+    launch_args: list[str] = field(default_factory=list)
+    """Extra ``sglang.launch_server`` flags for a launched teacher server."""
 
     def __post_init__(self) -> None:
         check_range("teacher.topk", self.topk, 0)
         for url in self.sglang_urls:
             if not url.startswith(("http://", "https://")):
                 fail("teacher.sglang_urls", url, "URLs starting with http:// or https://")
+        _check_launch("teacher", self.launch_server, self.backend, self.sglang_urls)
+        if self.launch_server and self.hf_path is None:
+            fail("teacher.launch_server", True, "teacher.hf_path set (the model the server serves)")
 
 
 @dataclass(kw_only=True)

@@ -65,6 +65,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         R.save(run, run.total_steps)
     log.close()
+    R.close(run)  # leave the weight-sync group, stop servers the run launched
     _print_summary(run, evals, run.history[-1] if run.history else {})
     return {"initial_eval": evals, "steps": run.history}
 

@@ -76,6 +76,7 @@ class Run:
     teacher_engine: RolloutEngine | None = None
     nonfinite_streak: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    servers: list[Any] = field(default_factory=list)  # SGLang servers this run launched (rank 0)
 
     @property
     def is_controller(self) -> bool:
@@ -164,6 +165,9 @@ def setup_run(cfg: OPDConfig) -> Run:
 
 def _build_engines(run: Run) -> None:
     cfg = run.cfg
+    if cfg.rollout.launch_server or cfg.teacher.launch_server:
+        _launch_servers(run)
+        cfg = run.cfg
     # In-process engines run fp32 on CPU (logprob parity with the trainer); bf16 only where CUDA serves it.
     engine_dtype = (
         torch.bfloat16
@@ -187,6 +191,69 @@ def _build_engines(run: Run) -> None:
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
         run.teacher_engine = EmbeddedEngine.from_hf_dir(cfg.teacher.hf_path, dtype=engine_dtype)
+
+
+def _launch_servers(run: Run) -> None:
+    """Start the SGLang servers ``launch_server`` asks for (concurrently) and point the config at their URLs."""
+    import atexit
+    import dataclasses
+    import threading
+
+    from megatron_opd.rollout.sglang_server import SGLangServer
+
+    cfg = run.cfg
+    cuda = torch.cuda.is_available()
+    wanted = [("rollout", cfg.rollout, cfg.model.hf_path), ("teacher", cfg.teacher, cfg.teacher.hf_path)]
+    log_dir = cfg.logging.log_dir or cfg.checkpoint.save
+    servers: dict[str, SGLangServer] = {}
+    for role, section, path in wanted:
+        if section.launch_server:
+            servers[role] = SGLangServer(
+                path,
+                device="cuda" if cuda else "cpu",
+                # fp32 on CPU: the logprob parity with the trainer (fp16 KV moved logprobs by up to 0.07).
+                dtype=cfg.model.params_dtype if cuda else "float32",
+                max_total_tokens=None if cuda else 8192,
+                extra_args=section.launch_args,
+                log_path=os.path.join(log_dir, f"sglang_{role}.log") if log_dir else None,
+            )
+    run.servers = list(servers.values())
+    for srv in run.servers:
+        atexit.register(srv.stop)  # also on a crash; stop() is idempotent
+    errors: list[BaseException] = []
+
+    def start(srv: SGLangServer) -> None:
+        try:
+            srv.start(timeout_s=600)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(srv,)) for srv in run.servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        close(run)
+        raise errors[0]
+    for role, srv in servers.items():
+        run.logger.text(f"launched SGLang {role} server {srv.url} for {srv.model_path}")
+        section = dataclasses.replace(getattr(cfg, role), launch_server=False, sglang_urls=[srv.url])
+        cfg = dataclasses.replace(cfg, **{role: section})
+    run.cfg = cfg
+
+
+def close(run: Run) -> None:
+    """End of a run: leave the weight-sync group with the servers and stop the servers this run launched."""
+    sync = getattr(run.engine, "weight_sync", None)
+    if sync is not None and hasattr(sync, "close"):
+        try:
+            sync.close()
+        except Exception as e:  # noqa: BLE001 - a server already gone must not fail a finished run
+            logger.warning("closing the weight-sync group failed: %s", e)
+    for srv in run.servers:
+        srv.stop()
+    run.servers = []
 
 
 def _resume(run: Run) -> None:
