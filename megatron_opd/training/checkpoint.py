@@ -223,6 +223,7 @@ def save_checkpoint(
         "optimizer_state": "absent"
         if optimizer is None
         else ("saved" if _optimizer_has_state(optimizer) else "fresh"),
+        "distributed_optimizer": optimizer is not None and _uses_distributed_optimizer(optimizer),
     }
     # Every rank checks (the state is the same everywhere), so a bad state fails on all ranks, not a hang.
     buffer = io.BytesIO()
@@ -328,6 +329,15 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} holds no optimizer state; resume with checkpoint.load_optimizer=false to start Adam afresh"
         )
+    if want_opt and state["optimizer_state"] == "saved":
+        saved_dist, now_dist = state["distributed_optimizer"], _uses_distributed_optimizer(optimizer)
+        if saved_dist != now_dist:
+            kinds = {True: "the distributed optimizer", False: "the regular optimizer"}
+            raise CheckpointError(
+                f"{path} holds the state of {kinds[saved_dist]} but this run uses {kinds[now_dist]}; set "
+                f"optimizer.use_distributed_optimizer={str(saved_dist).lower()} to resume it, or load weights only "
+                "with checkpoint.load_optimizer=false"
+            )
     if optimizer is not None and not load_optimizer:
         logger.warning("loading weights only from %s: the optimizer state starts afresh", path)
 

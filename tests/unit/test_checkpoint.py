@@ -35,10 +35,11 @@ def _own_process_group():
         destroy_parallel()
 
 
-def _setup(seed: int):
+def _setup(seed: int, distopt: bool = False):
     initialize_parallel(ParallelConfig(), seed=seed)
     chunks = build_model_chunks(MODEL)
-    objs = setup_training(chunks, OptimizerConfig(lr=1e-2, lr_warmup_steps=3), total_steps=10)
+    opt = OptimizerConfig(lr=1e-2, lr_warmup_steps=3, use_distributed_optimizer=distopt)
+    objs = setup_training(chunks, opt, total_steps=10)
     step = TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(), vocab_size=64)
     return chunks, objs, step
 
@@ -104,3 +105,13 @@ def test_weights_only_checkpoint_refuses_silent_optimizer_reset(tmp_path) -> Non
     ckpt.load_checkpoint(root, objs2.model, objs2.optimizer, objs2.scheduler, load_optimizer=False)
     for (n, a), (_, b) in zip(chunks[0].named_parameters(), chunks2[0].named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_optimizer_kind_mismatch_is_refused(tmp_path) -> None:
+    root = str(tmp_path)
+    _, objs, step = _setup(seed=1)
+    step([_batch(0)])
+    ckpt.save_checkpoint(root, 1, objs.model, objs.optimizer, objs.scheduler, {"step": 1})
+    _, objs2, _ = _setup(seed=2, distopt=True)
+    with pytest.raises(ckpt.CheckpointError, match="use_distributed_optimizer=false"):
+        ckpt.load_checkpoint(root, objs2.model, objs2.optimizer, objs2.scheduler)
