@@ -118,7 +118,7 @@ def test_evaluate_sets_uses_the_config(tok, tmp_path, problems):
     cfg = EvalConfig(datasets=[f"toy_addition:{path}"], n_samples=2, max_problems=4, temperature=0.0)
     engine = ScriptedEngine(tok)
     res = evaluate_sets(cfg, engine, tok, max_response_length=MAX_NEW)
-    r = res["toy_eval"]
+    r = res["toy_addition_toy_eval"]
     assert len(r.correct) == 4 and r.n_samples == 2 and set(r.pass_at) == {1, 2}
     assert engine.calls[0][2] == MAX_NEW and engine.calls[0][3] == 0.0  # full rollouts: max_response_length
 
