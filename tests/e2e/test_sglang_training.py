@@ -1,21 +1,22 @@
-"""The training loop on REAL SGLang servers (``.venv-sglang``): one student server, one teacher server, tiny Qwen2s.
+"""The training loop on REAL SGLang servers (``.venv-sglang``), tiny Qwen2 student and teacher.
 
 1. Logprob parity (issue 5, non-negotiable): the Megatron trainer's logprobs of tokens the student server sampled
    equal the logprobs the server reported for them (both fp32; max abs diff <= 1e-3).
-2. ``megatron_opd.training.main.train`` with ``rollout.backend=sglang`` and ``teacher.backend=sglang`` for 3 POPD
-   steps, weight sync over a gloo group with the server (``rollout.weight_sync=distributed``), then again
-   from disk (``disk``): generation stops at each step's horizon H_k, the loss is finite, and afterwards the
-   student server scores a fixed sequence exactly as the trainer's final weights do (exported from the run's
-   checkpoint), which differ from the initial weights' scores, so the sync really moved the server.
+2. ``megatron_opd.training.main.train`` with ``rollout.backend=sglang`` for 3 POPD steps, twice: weight sync over
+   a gloo group with the server (``rollout.weight_sync=distributed``), the teacher an SGLang server the run
+   launches and stops itself (``teacher.launch_server``); then syncing from disk (``disk``) with the in-process
+   teacher. Generation stops at each step's horizon H_k, the loss is finite, and after each run the student
+   server scores a fixed sequence exactly as the run's final weights do (its checkpoint exported to HF), which
+   differ from the initial weights' scores, so the sync really moved the server.
 
-Both servers start once for the module, concurrently (each ~30-170 s on a loaded 2-core machine). Tolerance 1e-3
-nats max abs (the issue's bar): fp32 everywhere, different kernels (Megatron vs SGLang's torch-native attention).
+Two server starts in all (the student's for the module, the teacher's inside the first run), ~30 s each
+unloaded, up to ~170 s on a loaded 2-core machine. Tolerance 1e-3 nats max abs (the issue's bar): fp32
+everywhere, different kernels (Megatron vs SGLang's torch-native attention).
 """
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
@@ -58,33 +59,14 @@ def pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(pair, tmp_path_factory):
-    """(student, teacher) servers, started concurrently and stopped at the end of the module."""
-    logs = tmp_path_factory.mktemp("sglang_logs")
-    srvs = [
-        SGLangServer(str(pair / who), max_total_tokens=8192, log_path=str(logs / f"{who}.log"))
-        for who in ("student", "teacher")
-    ]
-    errors: list[BaseException] = []
-
-    def start(srv: SGLangServer) -> None:
-        try:
-            srv.start(timeout_s=400)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in srvs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def student_server(pair, tmp_path_factory):
+    """The student's server for the whole module (the teacher's is launched by the first run itself)."""
+    log = str(tmp_path_factory.mktemp("sglang_logs") / "student.log")
+    srv = SGLangServer(str(pair / "student"), max_total_tokens=8192, log_path=log)
     try:
-        if errors:
-            raise errors[0]
-        yield tuple(srvs)
+        yield srv.start(timeout_s=400)
     finally:
-        for s in srvs:
-            s.stop()
+        srv.stop()
 
 
 def _client(url: str):
@@ -100,10 +82,8 @@ def _server_logprobs(url: str) -> list[float]:
     return SGLangScorer(_client(url), vocab_size=VOCAB).score([FIXED_PROMPT], [FIXED_RESPONSE]).logprobs[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. trainer logprobs == SGLang's reported logprobs
-# ----------------------------------------------------------------------------------------------------------
-def _trainer_logprobs_worker(rank, world, hf_dir, prompts, responses):
+def _megatron_logprobs(hf_dir: str, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    """The Megatron student (TP=1, from ``hf_dir``) scoring ``responses``: [B, max response length], 0 past each."""
     from megatron.core import parallel_state as mpu
 
     from megatron_opd.algorithms.horizon import HorizonWindow
@@ -125,35 +105,7 @@ def _trainer_logprobs_worker(rank, world, hf_dir, prompts, responses):
     return compute_logprobs(chunks, [batch], vocab_size=cfg.vocab_size)[0]
 
 
-def test_megatron_logprobs_match_the_sglang_server(pair, servers):
-    from megatron_opd.rollout.sglang_engine import SGLangEngine
-
-    student = servers[0]
-    out = SGLangEngine(_client(student.url)).generate(
-        [[5, 9, 13], [7, 2, 44, 61, 3], [11], [30, 31]],
-        n=2,
-        max_new_tokens=16,
-        temperature=1.0,
-        top_p=1.0,
-        seed=0,
-    )
-    assert (
-        sum(len(r) for r in out.response_ids) >= 16
-    )  # enough sampled tokens for the check to mean something
-    trainer = run_on_ranks(
-        _trainer_logprobs_worker, 1, str(pair / "student"), out.prompt_ids, out.response_ids
-    )[0]
-    worst = 0.0
-    for i, lps in enumerate(out.logprobs):
-        worst = max(worst, (trainer[i, : len(lps)] - torch.tensor(lps)).abs().max().item())
-    print(f"max |Megatron - SGLang| logprob over {sum(map(len, out.logprobs))} tokens = {worst:.3e}")
-    assert worst <= ATOL
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. the loop on SGLang: horizon, finite loss, weight sync (distributed, then disk)
-# ----------------------------------------------------------------------------------------------------------
-def _argv(d, student_url, teacher_url, weight_sync, save):
+def _argv(d, student_url, weight_sync, save, teacher_args):
     return [
         "--model.hf_path", str(d / "student"),
         "--teacher.hf_path", str(d / "teacher"),
@@ -175,37 +127,69 @@ def _argv(d, student_url, teacher_url, weight_sync, save):
         "--rollout.sglang_urls", student_url,
         "--rollout.weight_sync", weight_sync,
         "--rollout.request_timeout_s", "120",
-        "--teacher.backend", "sglang",
-        "--teacher.sglang_urls", teacher_url,
         "--checkpoint.save", save,
+        *teacher_args,
     ]  # fmt: skip
 
 
-def _train_worker(rank, world, d, student_url, teacher_url, out_root):
-    """Both runs in one process (one spawn); the student server's fixed-sequence logprobs right after each."""
+# The distributed run launches its own SGLang teacher (teacher.launch_server) and must stop it at exit; the disk
+# run scores in-process (the teacher backend is not what it checks), which saves a second server start.
+TEACHERS = {
+    "distributed": ["--teacher.backend", "sglang", "--teacher.launch_server", "true"],
+    "disk": ["--teacher.backend", "embedded"],
+}
+
+
+def _servers_of(model_dir: str) -> list[int]:
+    """PIDs of live SGLang server processes serving ``model_dir``."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if "--model-path" in cmd and model_dir in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            pids.append(p.pid)
+    return pids
+
+
+def _worker(rank, world, d, student_url, out_root, rollouts):
+    """One spawned process (each costs ~20-40 s here): the trainer's logprobs of the server's rollouts, then
+    the two runs, with the student server's fixed-sequence logprobs right after each."""
     from megatron_opd.training.main import train
 
-    out = {}
+    out = {"parity": _megatron_logprobs(str(d / "student"), rollouts.prompt_ids, rollouts.response_ids)}
     for sync in ("distributed", "disk"):
-        steps = train(_argv(d, student_url, teacher_url, sync, f"{out_root}/{sync}"))["steps"]
+        steps = train(_argv(d, student_url, sync, f"{out_root}/{sync}", TEACHERS[sync]))["steps"]
         out[sync] = {"steps": steps, "server": _server_logprobs(student_url)}
+        out[sync]["teachers_alive"] = _servers_of(str(d / "teacher"))
     return out
 
 
 @pytest.fixture(scope="module")
-def sglang_runs(pair, servers, tmp_path_factory):
-    """Per weight-sync mode: the run's step scalars, the student server's fixed-sequence logprobs after it, and
-    those of the run's final weights (its last checkpoint exported to HF, scored in fp32 by the embedded scorer)."""
+def results(pair, student_server, tmp_path_factory):
+    """Rollouts the untrained student server sampled, and what the worker made of them and of the two runs;
+    per run also the fixed-sequence logprobs of its final weights (its last checkpoint exported to HF, scored
+    in fp32 by the embedded scorer)."""
     from megatron_opd.model.hf_conversion import megatron_to_hf
+    from megatron_opd.rollout.sglang_engine import SGLangEngine
     from megatron_opd.teacher.embedded import EmbeddedScorer
 
-    student, teacher = servers
+    student = student_server
     initial = _server_logprobs(student.url)
     ref = EmbeddedScorer.from_hf_dir(str(pair / "student")).score([FIXED_PROMPT], [FIXED_RESPONSE])
     assert _maxdiff([initial], ref.logprobs) <= ATOL
+    rollouts = SGLangEngine(_client(student.url)).generate(
+        [[5, 9, 13], [7, 2, 44, 61, 3], [11], [30, 31]],
+        n=2,
+        max_new_tokens=16,
+        temperature=1.0,
+        top_p=1.0,
+        seed=0,
+    )
     root = tmp_path_factory.mktemp("sglang_runs")
-    runs = run_on_ranks(_train_worker, 1, pair, student.url, teacher.url, str(root))[0]
-    for sync, run in runs.items():
+    out = run_on_ranks(_worker, 1, pair, student.url, str(root), rollouts)[0]
+    out["rollouts"], out["root"] = rollouts, root
+    for sync in ("distributed", "disk"):
         export = root / f"{sync}_export"
         megatron_to_hf(
             str(root / sync / "iter_0000003" / "dist"),
@@ -214,14 +198,30 @@ def sglang_runs(pair, servers, tmp_path_factory):
             progress=False,
         )
         scorer = EmbeddedScorer.from_hf_dir(str(export))
-        run["final"] = scorer.score([FIXED_PROMPT], [FIXED_RESPONSE]).logprobs[0]
-        run["initial"] = initial
-    return runs
+        out[sync]["final"] = scorer.score([FIXED_PROMPT], [FIXED_RESPONSE]).logprobs[0]
+        out[sync]["initial"] = initial
+    return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 1. trainer logprobs == SGLang's reported logprobs
+# ----------------------------------------------------------------------------------------------------------
+def test_megatron_logprobs_match_the_sglang_server(results):
+    rollouts, trainer = results["rollouts"], results["parity"]
+    assert sum(map(len, rollouts.response_ids)) >= 16  # enough sampled tokens for the check to mean something
+    worst = 0.0
+    for i, lps in enumerate(rollouts.logprobs):
+        worst = max(worst, (trainer[i, : len(lps)] - torch.tensor(lps)).abs().max().item())
+    print(f"max |Megatron - SGLang| logprob over {sum(map(len, rollouts.logprobs))} tokens = {worst:.3e}")
+    assert worst <= ATOL
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. the loop on SGLang: horizon, finite loss, weight sync (distributed, then disk)
+# ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sync", ["distributed", "disk"])
-def test_loop_on_sglang_follows_the_horizon(sglang_runs, sync):
-    steps = sglang_runs[sync]["steps"]
+def test_loop_on_sglang_follows_the_horizon(results, sync):
+    steps = results[sync]["steps"]
     assert len(steps) == 3
     for k, s in enumerate(steps):
         h = min(T_MAX, H0 + DELTA_H * k)
@@ -234,10 +234,16 @@ def test_loop_on_sglang_follows_the_horizon(sglang_runs, sync):
     assert steps[0]["rollout/truncation_rate"] > 0
 
 
+def test_a_run_launches_and_stops_its_teacher_server(results):
+    log = results["root"] / "distributed" / "sglang_teacher.log"
+    assert log.is_file() and "fired up" in log.read_text()  # the run started a real server and used it ...
+    assert results["distributed"]["teachers_alive"] == []  # ... and stopped it when it ended
+
+
 @pytest.mark.parametrize("sync", ["distributed", "disk"])
-def test_server_serves_the_trainers_final_weights(sglang_runs, sync):
+def test_server_serves_the_trainers_final_weights(results, sync):
     """Right after the run, the student server scores a fixed sequence as the run's final weights do."""
-    run = sglang_runs[sync]
+    run = results[sync]
     moved = _maxdiff([run["initial"]], [run["final"]])
     served = _maxdiff([run["server"]], [run["final"]])
     print(f"{sync}: fixed sequence |final - initial| = {moved:.3e}, |server - final| = {served:.3e}")
