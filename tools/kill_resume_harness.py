@@ -36,7 +36,15 @@ def main() -> None:
     args = parser.parse_args()
     points, steps = (CI_POINTS, CI_STEPS) if args.mode == "ci" else (LONG_POINTS, LONG_STEPS)
     train_args = make_tiny_setup(args.work_dir)
-    train_args += ["--train.train_steps", str(steps), "--checkpoint.save_interval", "2"]
+    epochs = -(-steps // 6)  # 6 steps an epoch on the tiny setup
+    train_args += [
+        "--train.train_steps",
+        str(steps),
+        "--train.epochs",
+        str(epochs),
+        "--checkpoint.save_interval",
+        "2",
+    ]
     try:
         report = run_harness(train_args, args.work_dir, points, seed=args.seed)
     except HarnessError as e:
