@@ -153,6 +153,13 @@ def _new_rows(path: str, offset: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _resumed_at(log_path: str) -> int | None:
+    """The step this segment resumed at (0 when it found no checkpoint), once its log says so."""
+    text = open(log_path, encoding="utf-8", errors="replace").read()
+    m = _RESUMED_RE.search(text)
+    return int(m.group(1)) if m else (0 if _NO_CKPT in text else None)
+
+
 def _wait_and_kill(
     proc: subprocess.Popen,
     point: KillPoint,
@@ -187,8 +194,8 @@ def _wait_and_kill(
                 elif point.kind == "mid_step" and point.step - 1 in steps:
                     length = float(steps[point.step - 1].get("time/step_s", 0.2))
                     kill_at = time.monotonic() + rng.uniform(0.0, length)
-                elif point.kind == "mid_step" and point.step == 1:
-                    kill_at = time.monotonic()
+                elif point.kind == "mid_step" and _resumed_at(log_path) == point.step - 1:
+                    kill_at = time.monotonic() + rng.uniform(0.0, 0.3)  # step k follows the resume at once
         if kill_at is not None and time.monotonic() >= kill_at:
             proc.send_signal(signal.SIGKILL)  # no clean-up: whatever was in flight is lost
             proc.wait()
@@ -282,9 +289,7 @@ def _check_resume(seg_log: str, expected: int, segment: int, report: HarnessRepo
     """The segment's first lines say which checkpoint it loaded; it must be the one found after the kill."""
     if segment == 0:
         return
-    text = open(seg_log, encoding="utf-8", errors="replace").read()
-    m = _RESUMED_RE.search(text)
-    got = int(m.group(1)) if m else (0 if _NO_CKPT in text else None)
+    got = _resumed_at(seg_log)
     report.kills[segment - 1].resumed_step = got
     if got != expected:
         raise HarnessError(
