@@ -191,6 +191,10 @@ def _build_engines(run: Run) -> None:
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
         run.teacher_engine = EmbeddedEngine.from_hf_dir(cfg.teacher.hf_path, dtype=engine_dtype)
+    elif cfg.eval.eval_teacher:  # the teacher's servers generate its evaluation rollouts (no weight sync)
+        from megatron_opd.rollout.sglang_engine import SGLangEngine
+
+        run.teacher_engine = SGLangEngine(run.teacher.client)
 
 
 def _launch_servers(run: Run) -> None:

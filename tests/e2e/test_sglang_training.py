@@ -140,6 +140,18 @@ TEACHERS = {
 }
 
 
+def _eval_args(d) -> list[str]:
+    """Evaluation of the student (on its server) before and after, and of the teacher (on its server)."""
+    return [
+        "--eval.datasets", f"exact:{d / 'data.jsonl'}",
+        "--eval.at_start", "true",
+        "--eval.eval_teacher", "true",
+        "--eval.n_samples", "2",
+        "--eval.max_problems", "4",
+        "--eval.max_new_tokens", "6",
+    ]  # fmt: skip
+
+
 def _servers_of(model_dir: str) -> list[int]:
     """PIDs of live SGLang server processes serving ``model_dir``."""
     import psutil
@@ -159,8 +171,10 @@ def _worker(rank, world, d, student_url, out_root, rollouts):
 
     out = {"parity": _megatron_logprobs(str(d / "student"), rollouts.prompt_ids, rollouts.response_ids)}
     for sync in ("distributed", "disk"):
-        steps = train(_argv(d, student_url, sync, f"{out_root}/{sync}", TEACHERS[sync]))["steps"]
-        out[sync] = {"steps": steps, "server": _server_logprobs(student_url)}
+        extra = TEACHERS[sync] + (_eval_args(d) if sync == "distributed" else [])
+        res = train(_argv(d, student_url, sync, f"{out_root}/{sync}", extra))
+        out[sync] = {"steps": res["steps"], "initial_eval": res["initial_eval"]}
+        out[sync]["server"] = _server_logprobs(student_url)
         out[sync]["teachers_alive"] = _servers_of(str(d / "teacher"))
     return out
 
@@ -238,6 +252,15 @@ def test_a_run_launches_and_stops_its_teacher_server(results):
     log = results["root"] / "distributed" / "sglang_teacher.log"
     assert log.is_file() and "fired up" in log.read_text()  # the run started a real server and used it ...
     assert results["distributed"]["teachers_alive"] == []  # ... and stopped it when it ended
+
+
+def test_evaluation_runs_on_the_servers(results):
+    """Student (its rollout server) before and after training, teacher (its launched server) at start."""
+    run = results["distributed"]
+    for where, scalars in (("eval", run["initial_eval"]), ("eval_teacher", run["initial_eval"]),
+                           ("eval", run["steps"][-1])):  # fmt: skip
+        accs = [v for k, v in scalars.items() if k.startswith(where + "/") and "/avg@2" in k]
+        assert len(accs) == 1 and 0.0 <= accs[0] <= 1.0, (where, sorted(scalars))
 
 
 @pytest.mark.parametrize("sync", ["distributed", "disk"])
