@@ -1,7 +1,7 @@
 """A NaN/inf gradient with a finite loss (issue 9): the step is skipped on its gradient check, weights, Adam state
 and LR schedule stay as they were, and the next good step trains normally. (A NaN loss is
 tests/unit/test_step.py::test_non_finite_loss_skips_the_update; a whole run with NaN steps is
-tests/e2e/test_reliability_numerics.py.)"""
+tests/e2e/test_reliability_nan_run.py.)"""
 
 from __future__ import annotations
 
