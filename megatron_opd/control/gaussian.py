@@ -33,7 +33,8 @@ class GaussianHead(nn.Module):
     The floor matters: REINFORCE drives the std to it, and a mismatched student's log-ratio under a teacher of
     std sigma is about -(bias / sigma)^2 / 2 per step. With a narrow teacher (min_std = 0.05) the per-step r_t
     of the simple task reached -100 and sequence-level OPD (the sum of up to 50 of them) learned nothing in
-    200 steps even under the exact analytic teacher, so the simple task uses 0.5 (docs/control_reproduction.md).
+    200 steps, nor did it under the analytic teacher with std 0.1; the simple task therefore uses 0.5
+    (docs/control_reproduction.md).
     """
 
     def __init__(self, hidden: int, action_dim: int, scale: float, min_std: float = 0.5) -> None:
