@@ -101,6 +101,22 @@ def test_dump_yaml_round_trips(tmp_path):
         (["--model.num_query_groups", "3"], "a divisor of num_attention_heads (4)"),
         (["--rollout.sglang_urls", "localhost:3000"], "URLs starting with http://"),
         (["--loss.topk_kl_coef", "0.5", "--teacher.topk", "0"], "'teacher.topk'"),
+        (
+            ["--rollout.launch_server", "true"],
+            "'rollout.launch_server': got True; allowed: rollout.backend 'sglang'",
+        ),
+        (
+            [
+                "--rollout.backend",
+                "sglang",
+                "--rollout.launch_server",
+                "true",
+                "--rollout.sglang_urls",
+                "http://127.0.0.1:3000",
+            ],
+            "allowed: no rollout.sglang_urls",
+        ),  # fmt: skip
+        (["--teacher.backend", "sglang", "--teacher.launch_server", "true"], "teacher.hf_path set"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(argv, needle):
