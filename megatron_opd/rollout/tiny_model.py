@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["make_tiny_hf_model", "EOS_ID", "PAD_ID"]
+__all__ = ["make_tiny_hf_model", "make_tiny_pair", "EOS_ID", "PAD_ID"]
 
 EOS_ID = 0
 PAD_ID = 1
@@ -80,3 +80,23 @@ def make_tiny_hf_model(
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(path)
     return path
+
+
+def make_tiny_pair(root: str, *, num_prompts: int = 24) -> str:
+    """A tiny student (seed 0) and teacher (seed 1) sharing one tokenizer, and ``data.jsonl`` with ``num_prompts``
+    word-level prompts, under ``root`` (made once; later calls reuse it). Returns ``root``.
+
+    The distillation pair of the e2e tests, the kill-and-resume harness and the analysis-tool tests.
+    """
+    import json
+
+    data = os.path.join(root, "data.jsonl")
+    if not os.path.exists(data):
+        make_tiny_hf_model(os.path.join(root, "student"), seed=0)
+        make_tiny_hf_model(os.path.join(root, "teacher"), seed=1)
+        with open(data + ".tmp", "w", encoding="utf-8") as f:
+            for i in range(num_prompts):
+                prompt = " ".join(f"t{2 + (i * 7 + j) % 100}" for j in range(3 + i % 4))
+                f.write(json.dumps({"prompt": prompt, "answer": "t5"}) + "\n")
+        os.replace(data + ".tmp", data)
+    return root

@@ -363,16 +363,9 @@ LONG_POINTS = [
 def make_tiny_setup(work_dir: str, *, num_prompts: int = 24) -> list[str]:
     """A tiny student/teacher pair and prompt file under ``work_dir`` (made once); returns training arguments
     for 4 prompts x 2 samples per step (6 steps an epoch over 24 prompts), POPD, top-K KL, every-step logging."""
-    from megatron_opd.rollout.tiny_model import make_tiny_hf_model
+    from megatron_opd.rollout.tiny_model import make_tiny_pair
 
-    pair = os.path.join(work_dir, "pair")
-    if not os.path.exists(os.path.join(pair, "data.jsonl")):
-        make_tiny_hf_model(os.path.join(pair, "student"), seed=0)
-        make_tiny_hf_model(os.path.join(pair, "teacher"), seed=1)
-        with open(os.path.join(pair, "data.jsonl"), "w", encoding="utf-8") as f:
-            for i in range(num_prompts):
-                prompt = " ".join(f"t{2 + (i * 7 + j) % 100}" for j in range(3 + i % 4))
-                f.write(json.dumps({"prompt": prompt, "answer": "t5"}) + "\n")
+    pair = make_tiny_pair(os.path.join(work_dir, "pair"), num_prompts=num_prompts)
     return [
         "--model.hf_path", os.path.join(pair, "student"),
         "--teacher.hf_path", os.path.join(pair, "teacher"),

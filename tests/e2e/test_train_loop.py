@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,16 +20,9 @@ T_MAX = 24
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    from megatron_opd.rollout.tiny_model import make_tiny_hf_model
+    from megatron_opd.rollout.tiny_model import make_tiny_pair
 
-    d = tmp_path_factory.mktemp("pair")
-    make_tiny_hf_model(str(d / "student"), seed=0)
-    make_tiny_hf_model(str(d / "teacher"), seed=1)
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(24):
-            prompt = " ".join(f"t{2 + (i * 7 + j) % 100}" for j in range(3 + i % 4))
-            f.write(json.dumps({"prompt": prompt, "answer": "t5"}) + "\n")
-    return d
+    return Path(make_tiny_pair(str(tmp_path_factory.mktemp("pair"))))
 
 
 def _argv(d, schedule, *extra):
