@@ -16,7 +16,7 @@ everywhere, different kernels (Megatron vs SGLang's torch-native attention).
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,16 +46,9 @@ def _maxdiff(a: list, b: list) -> float:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from megatron_opd.rollout.tiny_model import make_tiny_hf_model
+    from megatron_opd.rollout.tiny_model import make_tiny_pair
 
-    d = tmp_path_factory.mktemp("sglang_pair")
-    make_tiny_hf_model(str(d / "student"), seed=0)
-    make_tiny_hf_model(str(d / "teacher"), seed=1)
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(16):
-            prompt = " ".join(f"t{2 + (i * 7 + j) % 100}" for j in range(3 + i % 4))
-            f.write(json.dumps({"prompt": prompt, "answer": "t5"}) + "\n")
-    return d
+    return Path(make_tiny_pair(str(tmp_path_factory.mktemp("sglang_pair")), num_prompts=16))
 
 
 @pytest.fixture(scope="module")
