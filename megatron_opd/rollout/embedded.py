@@ -27,7 +27,7 @@ import torch
 
 from megatron_opd.loss import reference
 from megatron_opd.rollout.decoder import Decoder, KVCache
-from megatron_opd.rollout.types import RolloutResult
+from megatron_opd.rollout.types import RolloutResult, check_generate_args
 
 __all__ = ["EmbeddedEngine", "read_eos_token_ids", "read_tokenizer_vocab_size", "iter_named_tensors"]
 
@@ -146,10 +146,7 @@ class EmbeddedEngine:
         topk: int = 0,
     ) -> RolloutResult:
         """Sample ``n`` responses per prompt, at most ``max_new_tokens`` each (the horizon H_k)."""
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}"
-            )
+        check_generate_args(n, max_new_tokens)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         index = [i for i in range(len(prompts)) for _ in range(n)]

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from megatron_opd.rollout.sglang_client import SGLangClient
-from megatron_opd.rollout.types import RolloutError, RolloutResult
+from megatron_opd.rollout.types import RolloutError, RolloutResult, check_generate_args
 
 __all__ = ["SGLangEngine", "parse_generation"]
 
@@ -81,10 +81,7 @@ class SGLangEngine:
         seed: int,
         topk: int = 0,
     ) -> RolloutResult:
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}"
-            )
+        check_generate_args(n, max_new_tokens)
         index = [i for i in range(len(prompts)) for _ in range(n)]
         payloads = []
         for j, i in enumerate(index):

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 __all__ = ["RolloutResult", "RolloutError"]
 
 
+def check_generate_args(n: int, max_new_tokens: int) -> None:
+    """The argument checks every ``RolloutEngine.generate`` shares."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+
+
 class RolloutError(RuntimeError):
     """A rollout or scoring batch could not be completed; no partial batch is ever returned."""
 
