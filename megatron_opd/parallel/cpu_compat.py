@@ -3,7 +3,7 @@
 Why it exists: megatron-core 0.16.1 assumes CUDA in a handful of places (buffer allocation, the pipeline
 schedule, the optimizer, the model-parallel RNG tracker). Everything else about it runs on CPU over gloo. This
 module holds every redirect in one place, each documented with where Megatron needs it
-(measured in ``/work/shared/notes/megatron-core-on-cpu.md``). ``apply_cpu_compat()`` is idempotent and does
+(measured in the team notes ``shared/notes/megatron-core-on-cpu.md``). ``apply_cpu_compat()`` is idempotent and does
 nothing when CUDA is available, so GPU runs never see any of it.
 
 The redirects:

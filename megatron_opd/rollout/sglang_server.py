@@ -6,7 +6,7 @@ environment, and stopped for sure afterwards. SGLang runs in its own virtualenv 
 
 CPU (``device="cpu"``): float32 (the default float16 KV cache moved logprobs by up to 0.07 vs fp32 HF), a small
 ``--max-total-tokens`` (else SGLang reserves most of RAM), loopback host, ``SGLANG_USE_CPU_ENGINE=1`` and the
-placeholder ``sgl_kernel`` of ``requirements/sglang_stubs`` on PYTHONPATH (see /work/shared/notes/sglang-on-cpu.md).
+placeholder ``sgl_kernel`` of ``requirements/sglang_stubs`` on PYTHONPATH (see the team notes shared/notes/sglang-on-cpu.md).
 
 ``--skip-tokenizer-init`` by default: the trainer tokenizes and every request carries ``input_ids``, so the server
 needs no tokenizer (EOS comes from the model's generation config). It also sidesteps transformers 5.19 (in

@@ -3,7 +3,7 @@
 Why it exists: the CPU demonstration needs a task where a tiny model can reason (and be checked exactly), where
 the teacher's way of reasoning is learnable by a student in a few minutes, and where the student's mistakes sit
 early in the response, so horizon control (POPD, TOPD) has something to fix cheaply
-(see ``/work/shared/notes/toy-opd-findings.md``). For D = 4 digits (0472 + 3856):
+(see the team notes ``shared/notes/toy-opd-findings.md``). For D = 4 digits (0472 + 3856):
 
     prompt   ``d0c4b7a2+D3C8B5A6:``                               each digit tagged with its place letter
     teacher  ``a2+A6+0=08;b7+B5+0=12;c4+C8+1=13;d0+D3+1=04;=04328``  then EOS
