@@ -9,15 +9,20 @@ evaluation and checkpoints. Everything else lives in ``training/run.py``.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_opd.config import ConfigError, parse_config
-from megatron_opd.training import run as R
+
+if TYPE_CHECKING:
+    from megatron_opd.training import run as R
 
 
 def train(argv: list[str] | None = None) -> dict[str, Any]:
     """Run OPD as configured by ``argv``; returns {'initial_eval': scalars, 'steps': one scalars dict per step}."""
     cfg = parse_config(argv, prog="megatron_opd.training.main")
+    # Imported after parsing so that --help and config errors answer at once, without loading Megatron and torch.
+    from megatron_opd.training import run as R
+
     run = R.setup_run(cfg)
     log, evals = run.logger, {}
     if cfg.eval.eval_teacher and run.start_step == 0:
