@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,8 +29,10 @@ def evaluate_checkpoint(
     hf_config_dir: str | None = None,
     seed: int = 0,
     apply_chat_template: bool = True,
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, EvalResult]:
-    """Score ``hf_dir`` (or ``megatron_ckpt`` exported with the config/tokenizer of ``hf_config_dir``)."""
+    """Score ``hf_dir`` (or ``megatron_ckpt`` exported with the config/tokenizer of ``hf_config_dir``);
+    ``progress(set name, seconds)`` is called as each set finishes."""
     if (hf_dir is None) == (megatron_ckpt is None):
         raise ValueError("give exactly one of an HF directory or a Megatron checkpoint directory")
     if megatron_ckpt is not None:
@@ -44,7 +47,12 @@ def evaluate_checkpoint(
             out = os.path.join(tmp, "hf")
             megatron_to_hf(ckpt, out, hf_config_dir=hf_config_dir, dtype="float32")
             return evaluate_checkpoint(
-                eval_cfg, rollout_cfg, hf_dir=out, seed=seed, apply_chat_template=apply_chat_template
+                eval_cfg,
+                rollout_cfg,
+                hf_dir=out,
+                seed=seed,
+                apply_chat_template=apply_chat_template,
+                progress=progress,
             )
     engine = _engine(rollout_cfg, hf_dir)
     return evaluate_sets(
@@ -54,6 +62,7 @@ def evaluate_checkpoint(
         max_response_length=rollout_cfg.max_response_length,
         seed=seed,
         apply_chat_template=apply_chat_template,
+        progress=progress,
     )
 
 

@@ -185,9 +185,10 @@ def evaluate_sets(
     dp_rank: int = 0,
     dp_size: int = 1,
     dp_group: dist.ProcessGroup | None = None,
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, EvalResult]:
     """Every set of ``cfg.datasets`` with the run's eval settings; full rollouts of ``max_response_length``
-    tokens unless ``cfg.max_new_tokens`` says otherwise."""
+    tokens unless ``cfg.max_new_tokens`` says otherwise. ``progress(set name, seconds)`` runs after each set."""
     results = {}
     for spec in cfg.datasets:
         eval_set = load_eval_set(spec, max_problems=cfg.max_problems)
@@ -206,4 +207,6 @@ def evaluate_sets(
             dp_size=dp_size,
             dp_group=dp_group,
         )
+        if progress is not None:
+            progress(eval_set.name, results[eval_set.name].seconds)
     return results
