@@ -53,7 +53,9 @@ def test_megatron_logprobs_match_the_embedded_engine(tmp_path):
             got = trainer[i, : len(lps)]
             worst = max(worst, (got - torch.tensor(lps)).abs().max().item())
             assert (trainer[i, len(lps) :] == 0).all()
-        # fp32 on both sides, different kernels (Megatron's attention and fused ops vs the engine's): the
-        # issue's bound is 1e-3 nats; observed differences are ~1e-6.
+        # fp32 on both sides, different kernels (Megatron's attention and fused ops vs the engine's), so only
+        # summation order differs: observed 1.1e-5 nats at TP=1 and TP=2 (2026-12-01). 5e-5 leaves room for
+        # that order to change and still fails on any real mismatch (a wrong mask, position, RoPE base or
+        # dtype moves logprobs by 1e-3 or more).
         print(f"TP={world}: max |trainer - engine| logprob = {worst:.3e}")
-        assert worst <= 1e-3, f"TP={world}: max |trainer - engine| logprob = {worst}"
+        assert worst <= 5e-5, f"TP={world}: max |trainer - engine| logprob = {worst}"

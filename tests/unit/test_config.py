@@ -156,9 +156,19 @@ def test_world_size_checks():
 
 
 def test_help_lists_every_field_with_its_doc():
-    text = build_parser("opd").format_help()
+    parser = build_parser("opd")
+    actions = {a.dest: a for a in parser._actions}
+    for section, cls in _sections().items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            action = actions.get(f"{section}.{f.name}")
+            assert action is not None, f"--{section}.{f.name} is not on the command line"
+            assert f"--{section}.{f.name}" in action.option_strings
+            assert docs[f.name] and action.help.startswith(docs[f.name]), (
+                f"{section}.{f.name}: help lacks its doc"
+            )
+    text = parser.format_help()
     assert "--parallel.tensor_model_parallel_size" in text and "--tensor-model-parallel-size" in text
-    assert "POPD initial horizon H_0 in tokens" in text
     # a name shared by two sections gets no ambiguous alias
     assert "--temperature " not in text and "--rollout.temperature" in text and "--eval.temperature" in text
 
@@ -185,20 +195,25 @@ def test_shipped_paper_configs_load(monkeypatch):
     for var in ("MODELS_DIR", "DATA_DIR", "RUN_DIR"):
         monkeypatch.setenv(var, "/x")
     root = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
+    # Every run config of the two pairs (the base and pair files are included by them, not runs themselves).
     files = sorted(
-        glob.glob(os.path.join(root, "paper", "r1_*.yaml"))
-        + glob.glob(os.path.join(root, "paper", "openmath_*.yaml"))
+        path
+        for path in glob.glob(os.path.join(root, "paper", "*.yaml"))
+        if not os.path.basename(path).startswith("base_") and not path.endswith("_pair.yaml")
     )
-    assert len(files) == 12
     seen = set()
     for path in files:
         cfg = parse_config(["--config", path])
         assert cfg.optimizer.lr == 1e-6 and cfg.train.global_batch_size == 64 and cfg.teacher.topk == 16
-        seen.add((cfg.horizon.schedule, cfg.horizon.rho if cfg.horizon.schedule == "truncated" else None))
-    assert seen == {
+        rho = cfg.horizon.rho if cfg.horizon.schedule == "truncated" else None
+        seen.add((os.path.basename(path).split("_")[0], cfg.horizon.schedule, rho))
+    # Table 1's grid: OPD, POPD and TOPD at rho = 0.5, 0.25, 0.1 for both student-teacher pairs, each exactly once.
+    grid = [
         ("full", None),
         ("progressive", None),
         ("truncated", 0.5),
         ("truncated", 0.25),
         ("truncated", 0.1),
-    }
+    ]
+    assert seen == {(pair, *run) for pair in ("r1", "openmath") for run in grid}
+    assert len(files) == len(seen)
