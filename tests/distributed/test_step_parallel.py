@@ -237,51 +237,74 @@ def _assert_grads_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
 
 
-def test_layouts_match_one_process_and_checkpoints_move_between_layouts(tmp_path) -> None:
-    root = str(tmp_path)
-    results = run_on_ranks(_worker, 2, root)
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Every layout's results (two gloo workers, one spawn for all tests) and the one-process reference step.
 
-    # One process (this one), whole batch, TP=PP=DP=1, the same initial weights.
+    The reference runs here: one process, the whole batch, TP=PP=DP=1, the same initial weights. The tests
+    below each check one invariant, so one failure does not hide the others.
+    """
     from megatron_opd.training import checkpoint as ckpt
 
+    root = str(tmp_path_factory.mktemp("layouts"))
+    results = run_on_ranks(_worker, 2, root)
     chunks, objs, step = _setup(seed=1234)
     ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
     ref = step([_batch(1)])
-    ref_grads = _full_grads(chunks)
-    assert not ref.skipped and ref.grad_norm > 0
+    return {"root": root, "results": results, "ref": ref, "ref_grads": _full_grads(chunks)}
 
-    dp2 = results[0]["dp2"]
-    assert results[1]["dp2"]["loss"] == dp2["loss"]  # the step reports the global loss on every rank
-    for key in ("dp2", "tp2", "pp2", "vpp2", "tp2_fused"):
-        for rank in (0, 1):
-            r = results[rank][key]
-            assert not r["skipped"]
-            assert r["loss"] == pytest.approx(ref.loss, rel=1e-5), (key, rank)
-            assert r["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-4), (key, rank)
-    _assert_grads_close(results[0]["dp2"]["grads"], ref_grads, "DP=2")
-    _assert_grads_close(results[0]["tp2"]["grads"], ref_grads, "TP=2")
-    pp_grads = {**results[0]["pp2"]["grads"], **results[1]["pp2"]["grads"]}  # stage 0 and stage 1 halves
-    _assert_grads_close(pp_grads, ref_grads, "PP=2")
-    _assert_grads_close({**results[0]["vpp2"]["grads"], **results[1]["vpp2"]["grads"]}, ref_grads, "VPP=2")
-    _assert_grads_close(results[0]["tp2_fused"]["grads"], ref_grads, "TP=2 fused")
 
-    # The TP=2 checkpoint (after one step) at TP=1 (here) and at PP=2 (workers): same loss and grad norm on the
-    # next batch as TP=2 continuing, so weights and Adam state both moved between layouts.
+def test_reference_step_is_a_real_update(layouts):
+    assert not layouts["ref"].skipped and layouts["ref"].grad_norm > 0
+
+
+def test_the_step_reports_the_global_loss_on_every_rank(layouts):
+    results = layouts["results"]
+    assert results[1]["dp2"]["loss"] == results[0]["dp2"]["loss"]
+
+
+@pytest.mark.parametrize("key", ["dp2", "tp2", "pp2", "vpp2", "tp2_fused"])
+def test_layout_matches_one_process(layouts, key):
+    results, ref = layouts["results"], layouts["ref"]
+    for rank in (0, 1):
+        r = results[rank][key]
+        assert not r["skipped"]
+        assert r["loss"] == pytest.approx(ref.loss, rel=1e-5), (key, rank)
+        assert r["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-4), (key, rank)
+    if key in ("pp2", "vpp2"):  # each stage holds its half of the parameters
+        grads = {**results[0][key]["grads"], **results[1][key]["grads"]}
+    else:
+        grads = results[0][key]["grads"]
+    _assert_grads_close(grads, layouts["ref_grads"], key)
+
+
+def test_checkpoint_moves_between_layouts(layouts):
+    """The TP=2 checkpoint (after one step) at TP=1 (here) and at PP=2 (workers): same loss and grad norm on the
+    next batch as TP=2 continuing, so weights and Adam state both moved between layouts."""
+    from megatron_opd.training import checkpoint as ckpt
+
+    results = layouts["results"]
     chunks, objs, step = _setup(seed=4321)
-    ckpt.load_checkpoint(os.path.join(root, "tp2"), objs.model, objs.optimizer, objs.scheduler)
+    ckpt.load_checkpoint(os.path.join(layouts["root"], "tp2"), objs.model, objs.optimizer, objs.scheduler)
     tp1_next = step([_batch(2)])
     tp2_next = results[0]["tp2_next"]
     for got in (tp1_next.loss, results[0]["pp2_from_tp2"]["loss"], results[1]["pp2_from_tp2"]["loss"]):
         assert got == pytest.approx(tp2_next["loss"], rel=1e-5)
     assert tp1_next.grad_norm == pytest.approx(tp2_next["grad_norm"], rel=1e-4)
     # LR schedule restored: warmup over 2 updates gives 5e-4 at update 0 (ref) and 1e-3 at update 1.
-    assert ref.lr == pytest.approx(5e-4) and tp1_next.lr == pytest.approx(1e-3)
+    assert layouts["ref"].lr == pytest.approx(5e-4) and tp1_next.lr == pytest.approx(1e-3)
 
-    for rank in (0, 1):
-        assert results[rank]["tied_pp2"] == pytest.approx(results[rank]["tied_dp2"], rel=1e-5)
 
-    # Resume: identical losses for steps k+1..k+3, trainer state restored, marker points at the checkpoint.
+def test_tied_embeddings_at_pp2_match_dp2(layouts):
     for rank in (0, 1):
-        assert results[rank]["resumed"] == results[rank]["uninterrupted"]
-        assert results[rank]["resumed_state"]["consumed_prompts"] == 16
-        assert results[rank]["latest"] == 2
+        r = layouts["results"][rank]
+        assert r["tied_pp2"] == pytest.approx(r["tied_dp2"], rel=1e-5)
+
+
+def test_resume_with_distributed_optimizer_repeats_the_run(layouts):
+    """Identical losses for steps k+1..k+3, trainer state restored, marker points at the checkpoint."""
+    for rank in (0, 1):
+        r = layouts["results"][rank]
+        assert r["resumed"] == r["uninterrupted"]
+        assert r["resumed_state"]["consumed_prompts"] == 16
+        assert r["latest"] == 2
