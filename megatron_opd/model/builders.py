@@ -91,6 +91,8 @@ def transformer_config(
         kwargs.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
     vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
     return TransformerConfig(
+        # Megatron's default ("full") is its deprecated spelling of "no CUDA graphs": it warns in every process.
+        cuda_graph_scope=[],
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         ffn_hidden_size=model_cfg.ffn_hidden_size,

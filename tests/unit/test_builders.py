@@ -105,3 +105,16 @@ def test_build_model_llama_tied_has_no_output_layer() -> None:
     sd = build_model(cfg).state_dict()
     assert "output_layer.weight" not in sd
     assert "decoder.layers.0.self_attention.linear_qkv.bias" not in sd
+
+
+def test_transformer_config_warns_nothing() -> None:
+    """Megatron's default cuda_graph_scope ("full") warns "full scope is deprecated" in every process."""
+    import warnings
+
+    from megatron_opd.model.builders import transformer_config
+
+    initialize_parallel(ParallelConfig(), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = transformer_config(ModelConfig(), use_te=False)
+    assert cfg.cuda_graph_scope == []
