@@ -5,9 +5,6 @@ megatron.core imports triton. The Triton loss tests run interpreted on CPU only 
 the first test module that imports megatron.core, so it is set here.
 """
 
-import os
+from megatron_opd.parallel.cpu_compat import use_triton_interpreter
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+use_triton_interpreter()

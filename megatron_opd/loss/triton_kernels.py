@@ -7,18 +7,17 @@ logits with c * softmax(z) in place (the dense part of dL/dz; ``chunked.logits_g
 one-hot terms). The GEMMs stay in cuBLAS (as in Liger-Kernel's fused linear cross-entropy): a Triton GEMM would
 not beat it, and the chunk block is what keeps the [N, V] logits from existing.
 
-Without CUDA, importing this module sets ``TRITON_INTERPRET=1`` (unless already set) so the kernels run on CPU
-tensors in Triton's interpreter; that is for tests only (about 4 ms per row of 4,096 columns).
+Without CUDA, importing this module switches Triton to its interpreter (``parallel.cpu_compat`` redirect 8) so
+the kernels run on CPU tensors; that is for tests only (about 4 ms per row of 4,096 columns).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from megatron_opd.parallel.cpu_compat import use_triton_interpreter
+
+use_triton_interpreter()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

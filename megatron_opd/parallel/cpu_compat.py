@@ -19,6 +19,10 @@ The redirects:
 6. The CUDA RNG get/set used by activation recompute -> the CPU generator's get/set.
 7. Activation recompute re-runs the forward inside autograd's backward, where Python function modes are not
    active: its backward is wrapped to re-enter the redirect mode (the causal mask is built with device="cuda").
+8. Triton kernels -> Triton's interpreter (``TRITON_INTERPRET=1``, ``use_triton_interpreter()``), so the fused
+   loss kernels run on CPU tensors (slow: for tests). Triton reads the variable when it is first imported, and
+   megatron.core imports it, so this one is applied before anything imports Megatron (``tests/conftest.py``,
+   ``loss/triton_kernels.py``), not by ``apply_cpu_compat()``.
 
 The mode of 3-4 is entered on the thread that applies the redirects (the training thread); Megatron code run
 from another thread would not see it.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -142,3 +147,9 @@ def apply_cpu_compat() -> bool:
 def cpu_compat_active() -> bool:
     """Whether ``apply_cpu_compat`` has installed the redirects in this process."""
     return _APPLIED
+
+
+def use_triton_interpreter() -> None:
+    """Redirect 8: without CUDA, run Triton kernels in Triton's interpreter (an explicit setting wins)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
