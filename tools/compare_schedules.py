@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Compare horizon schedules (and loss estimators) on the CPU toy task: accuracy against training wall-clock.
+
+  python tools/compare_schedules.py                      # all variants, 3 seeds, writes docs/cpu_schedules*
+  python tools/compare_schedules.py --variants shipped --ablation --jobs 2
+  python tools/compare_schedules.py --quick --out-dir /tmp/cmp --doc /tmp/cmp/doc.md   # CI-sized
+
+Every run is the CPU main job (examples/configs/cpu_toy.yaml) with one schedule's overrides, the same evaluation
+protocol (avg@4 at temperature 1 on the held-out problems, every --eval-every steps, evaluation time excluded
+from the training clock) and the same seeds. ``--jobs 2`` runs two single-threaded runs at once (one per core of
+a 2-core machine; leave the machine otherwise idle, or the times are not comparable). The table, the plots and
+the raw curves go to --out-dir, and the tables replace the marked region of --doc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(job: dict) -> dict:
+    """One training run in this (worker) process; returns its curve as a dict."""
+    import torch
+
+    torch.set_num_threads(1)
+    from megatron_opd.analysis.schedules import curve_from_history
+    from megatron_opd.training.main import train
+
+    t0 = time.perf_counter()
+    out = train(job["argv"])
+    curve = curve_from_history(job["name"], job["seed"], out["initial_eval"], out["steps"])
+    print(
+        f"  done: {job['group']} / {job['name']} seed {job['seed']} in {time.perf_counter() - t0:.0f} s "
+        f"(final avg@4 {curve.accuracy[-1]:.3f})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"group": job["group"], **curve.to_dict()}
+
+
+def _base_argv(toy, recipe, args) -> list[str]:
+    return [
+        "--config", os.path.join(ROOT, "examples", "configs", "cpu_toy.yaml"),
+        "--model.hf_path", toy.student, "--teacher.hf_path", toy.teacher,
+        "--train.data_path", toy.train_data, "--eval.datasets", toy.eval_spec,
+        "--rollout.max_response_length", str(recipe.max_response_tokens),
+        "--train.train_steps", str(args.steps), "--eval.eval_interval", str(args.eval_every),
+        "--eval.at_start", "true", "--eval.eval_teacher", "false", "--eval.max_problems", str(args.eval_problems),
+        "--logging.log_dir", "none", "--logging.progress_bar", "false", "--logging.log_interval", "100000",
+        "--checkpoint.save", "none",
+    ]  # fmt: skip
+
+
+def _slug(group: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", group.lower()).strip("_")
+
+
+def _plot(groups: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for group, curves in groups.items():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, c in curves.items():
+            lo = [a - s for a, s in zip(c.accuracy, c.accuracy_std)]
+            hi = [a + s for a, s in zip(c.accuracy, c.accuracy_std)]
+            for ax, x in ((ax1, c.steps), (ax2, c.seconds)):
+                ax.plot(x, c.accuracy, marker="o", markersize=3, label=name)
+                ax.fill_between(x, lo, hi, alpha=0.15)
+        ax1.set_xlabel("optimizer step")
+        ax2.set_xlabel("training seconds (evaluation excluded)")
+        for ax in (ax1, ax2):
+            ax.set_ylabel("avg@4 (held-out)")
+            ax.grid(alpha=0.3)
+        ax1.legend(fontsize=8)
+        fig.suptitle(f"{group}: accuracy against steps and wall-clock (mean +- sd over seeds)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{_slug(group)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    from megatron_opd.analysis import schedules as S
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(S.VARIANTS), choices=list(S.VARIANTS))
+    p.add_argument("--schedules", nargs="+", default=list(S.SCHEDULES), choices=list(S.SCHEDULES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1234, 7, 11])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-problems", type=int, default=128)
+    p.add_argument(
+        "--ablation", action="store_true", help="also the loss-estimator ablation (shipped toy, POPD)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (single-threaded each)")
+    p.add_argument("--quick", action="store_true", help="CI size: a tiny toy recipe, 1 seed, a few steps")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "cpu_schedules"))
+    p.add_argument("--doc", default=os.path.join(ROOT, "docs", "cpu_schedules.md"))
+    args = p.parse_args(argv)
+
+    from megatron_opd.toy.models import ToyRecipe, make_toy_models
+
+    base_recipe = ToyRecipe()
+    if args.quick:
+        base_recipe = ToyRecipe(digits=2, num_train_prompts=64, num_eval_problems=16, batch_size=16,
+                                teacher_steps=40, student_steps=10, warmup_steps=5)  # fmt: skip
+        args.seeds, args.steps, args.eval_every, args.eval_problems = args.seeds[:1], 4, 2, 8
+        args.variants = args.variants[:1]
+        args.schedules = [s for s in args.schedules if s in ("OPD", "TOPD rho=0.25", "POPD")]
+
+    jobs = []
+    for variant in args.variants:
+        recipe = dataclasses.replace(base_recipe, **S.VARIANTS[variant])
+        base = _base_argv(make_toy_models(recipe), recipe, args)
+        for name in args.schedules:
+            for seed in args.seeds:
+                argv = base + S.SCHEDULES[name] + ["--train.seed", str(seed)]
+                jobs.append({"group": f"toy {variant}", "name": name, "seed": seed, "argv": argv})
+        if args.ablation and variant == args.variants[0]:
+            for name, extra in S.ESTIMATORS.items():
+                for seed in args.seeds:
+                    argv = base + S.SCHEDULES["POPD"] + extra + ["--train.seed", str(seed)]
+                    jobs.append(
+                        {"group": f"estimators ({variant}, POPD)", "name": name, "seed": seed, "argv": argv}
+                    )
+    print(f"{len(jobs)} runs, {args.jobs} at a time", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(_run, jobs))
+    else:
+        results = [_run(job) for job in jobs]
+
+    by_group: dict[str, dict[str, list[S.Curve]]] = {}
+    for r in results:
+        curve = S.Curve(**{k: v for k, v in r.items() if k != "group"})
+        by_group.setdefault(r["group"], {}).setdefault(curve.name, []).append(curve)
+    means = {g: {n: S.mean_curve(cs) for n, cs in named.items()} for g, named in by_group.items()}
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "runs": results}, f, indent=1)
+    plots = _plot(means, args.out_dir)
+
+    sections = [
+        f"Measured {datetime.date.today()} by `tools/compare_schedules.py{' --quick' if args.quick else ''}` "
+        f"({len(jobs)} runs, {args.jobs} at a time, {time.perf_counter() - t0:.0f} s): seeds "
+        f"{', '.join(map(str, args.seeds))}; {args.steps} steps; avg@4 on {args.eval_problems} held-out problems "
+        f"every {args.eval_every} steps; time = training seconds (rollout + teacher + train + sync), evaluation "
+        "excluded."
+    ]
+    for group, curves in means.items():
+        ref = next((r for r in ("OPD", "both (sum)") if r in curves), next(iter(curves)))
+        rows = S.compare(curves, reference=ref)
+        paper = S.PAPER_TIME_RATIO if group.startswith("toy") else None
+        rel = os.path.relpath(os.path.join(args.out_dir, f"{_slug(group)}.png"), os.path.dirname(args.doc))
+        table = (
+            S.markdown_table(rows, paper)
+            .replace("OPD's final", f"{ref}'s final")
+            .replace("vs OPD", f"vs {ref}")
+        )
+        sections.append(f"### {group}\n\n{table}\n\n![{group}]({rel})")
+    text = "\n\n".join(sections)
+    S.write_marked_region(args.doc, text, "compare_schedules")
+    print(text)
+    print(f"plots: {', '.join(plots)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
