@@ -196,7 +196,6 @@ class AdaptiveHorizon(HorizonSchedule):
         self._below = 0
         self._last_growth_step = -1
         self._last_observed_step = -1
-        self._history: list[tuple[int, int]] = []  # (step at which H changed, new H)
 
     def window(self, step: int) -> HorizonWindow:
         return HorizonWindow(0, self._horizon, self._horizon)
@@ -221,7 +220,6 @@ class AdaptiveHorizon(HorizonSchedule):
         if h < self.max_response_length and (learned or forced):
             self._horizon = min(self.max_response_length, h + self.growth)
             self._ema, self._below, self._last_growth_step = None, 0, step
-            self._history.append((step + 1, self._horizon))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -231,7 +229,6 @@ class AdaptiveHorizon(HorizonSchedule):
             "below": self._below,
             "last_growth_step": self._last_growth_step,
             "last_observed_step": self._last_observed_step,
-            "history": [list(x) for x in self._history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -241,7 +238,6 @@ class AdaptiveHorizon(HorizonSchedule):
         self._below = int(state["below"])
         self._last_growth_step = int(state["last_growth_step"])
         self._last_observed_step = int(state["last_observed_step"])
-        self._history = [(int(a), int(b)) for a, b in state["history"]]
 
     def describe(self, step: int) -> dict[str, float]:
         out = super().describe(step)

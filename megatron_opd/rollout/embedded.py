@@ -121,9 +121,6 @@ class EmbeddedEngine:
         kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
         return cls(Decoder.from_hf_dir(path, dtype=dtype, device=device), **kw)
 
-    def health(self) -> bool:
-        return True
-
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterable[list]) -> float:
         """Copy HF-named tensors (or buckets of them) into the decoder in place. Returns seconds taken."""
         t0 = time.perf_counter()

@@ -38,8 +38,6 @@ class RolloutEngine(Protocol):
         """Load HF-named (name, tensor) pairs, or buckets (lists) of them; flush caches. Returns seconds."""
         ...
 
-    def health(self) -> bool: ...
-
 
 def _client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries: int):
     from megatron_opd.rollout.sglang_client import SGLangClient

@@ -59,9 +59,6 @@ class SGLangEngine:
         self.weight_sync = weight_sync
         self.deterministic = deterministic
 
-    def health(self) -> bool:
-        return self.client.health()
-
     def update_weights(self, named_tensors: Iterable) -> float:
         """Push HF-named tensors (or buckets) to every server, flush their caches. Returns seconds."""
         if self.weight_sync is None:

@@ -76,7 +76,7 @@ def _client(server) -> SGLangClient:
 
 def test_horizon_truncated_generation(server, models, ref_a):
     eng = SGLangEngine(_client(server))
-    assert eng.health()
+    assert eng.client.health()
     H = 6
     res = eng.generate(PROMPTS, n=3, max_new_tokens=H, temperature=1.0, top_p=1.0, seed=0, topk=4)
     res.validate()
