@@ -11,12 +11,8 @@ pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_eval_tool_hf_and_megatron_give_the_same_scores(tmp_path):
-    from megatron_opd.toy.models import ToyRecipe, make_toy_models
-
-    recipe = ToyRecipe(digits=2, num_train_prompts=24, num_eval_problems=8, batch_size=16, teacher_steps=30,
-                       student_steps=6, warmup_steps=5)  # fmt: skip
-    toy = make_toy_models(recipe, cache_dir=str(tmp_path / "toy"))
+def test_eval_tool_hf_and_megatron_give_the_same_scores(tmp_path, tiny_toy_models):
+    toy = tiny_toy_models[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "convert_hf_to_megatron.py"), "--hf-dir", toy.student,

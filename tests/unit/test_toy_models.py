@@ -14,23 +14,11 @@ from megatron_opd.data.tokenizer import load_tokenizer
 from megatron_opd.eval import HFGenerate, evaluate, load_eval_set
 from megatron_opd.toy.models import ToyRecipe, make_toy_models
 
-TINY = ToyRecipe(
-    digits=2,
-    num_train_prompts=24,
-    num_eval_problems=8,
-    batch_size=16,
-    teacher_steps=30,
-    student_steps=6,
-    warmup_steps=5,
-)
-
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("toy_cache")
-    t0 = time.perf_counter()
-    m = make_toy_models(TINY, str(cache))
-    return m, str(cache), time.perf_counter() - t0
+def made(tiny_toy_models):
+    """(models, cache folder, first build seconds) of the suite's shared tiny recipe (tests/conftest.py)."""
+    return tiny_toy_models
 
 
 def test_outputs_are_hf_checkpoints(made):
@@ -88,12 +76,13 @@ def test_report_and_training_happened(made):
 
 def test_second_call_is_served_from_the_cache(made):
     m, cache, first_s = made
+    recipe = ToyRecipe(**m.report["recipe"])
     mtime = os.path.getmtime(os.path.join(m.root, "report.json"))
     t0 = time.perf_counter()
-    again = make_toy_models(TINY, cache)
+    again = make_toy_models(recipe, cache)
     assert again == m and time.perf_counter() - t0 < 0.5 * first_s
     assert os.path.getmtime(os.path.join(m.root, "report.json")) == mtime
-    assert ToyRecipe(digits=2, seed=1).key() != TINY.key() and TINY.key() == ToyRecipe(**TINY.__dict__).key()
+    assert ToyRecipe(digits=2, seed=1).key() != recipe.key() and os.path.basename(m.root) == recipe.key()
 
 
 def test_data_files_load_and_are_disjoint(made):
@@ -120,5 +109,11 @@ def test_hf_generate_shapes_seeds_and_eos(made):
         assert tok.eos_token_id not in r[:-1] and (len(r) == 8 or r[-1] == tok.eos_token_id)
     g1 = gen(prompts, n=2, max_new_tokens=8, temperature=0.0, seed=1)
     assert g1[0] == g1[1] and g1 == gen(prompts, n=2, max_new_tokens=8, temperature=0.0, seed=2)
-    res = evaluate(load_eval_set(m.eval_spec), gen, tok, n_samples=1, max_new_tokens=TINY.max_response_tokens)
+    res = evaluate(
+        load_eval_set(m.eval_spec),
+        gen,
+        tok,
+        n_samples=1,
+        max_new_tokens=ToyRecipe(**m.report["recipe"]).max_response_tokens,
+    )
     assert res.n_samples == 1 and len(res.correct) == 8 and 0.0 <= res.avg <= 1.0
