@@ -25,6 +25,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
 
     run = R.setup_run(cfg)
     log, evals = run.logger, {}
+    log.text(f"writing: {log.outputs(cfg.checkpoint.save)}")
     if cfg.eval.eval_teacher and run.start_step == 0:
         evals.update(R.evaluate(run, 0, teacher=True))
     if cfg.eval.at_start and run.start_step == 0:
@@ -69,9 +70,10 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         not cfg.checkpoint.save_interval or run.total_steps % cfg.checkpoint.save_interval
     ):
         R.save(run, run.total_steps)
-    log.close()
     R.close(run)  # leave the weight-sync group, stop servers the run launched
     _print_summary(run, evals, run.history[-1] if run.history else {})
+    log.text(f"wrote: {log.outputs(cfg.checkpoint.save)}")
+    log.close()
     return {"initial_eval": evals, "steps": run.history}
 
 
