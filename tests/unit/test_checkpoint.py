@@ -1,6 +1,6 @@
 """Checkpoint bookkeeping in one process: atomic directories and the latest marker, keep-last-N, plain-types
 trainer state, optimizer-state rules, exact resume of weights, Adam state, LR schedule and RNG; a full disk during
-a save (issue 16, item 9)."""
+a save (issue 16, item 9) and the resume rules for ``checkpoint.load`` (item 4)."""
 
 from __future__ import annotations
 
@@ -200,3 +200,34 @@ def test_other_save_errors_are_not_called_disk_full(tmp_path, monkeypatch) -> No
     with pytest.raises(RuntimeError, match="some other failure") as err:
         ckpt.save_checkpoint(str(tmp_path), 1, objs.model, None, None, {"step": 1})
     assert not isinstance(err.value, ckpt.CheckpointError)  # passed through unchanged, with its traceback
+
+
+def test_load_path_must_exist_and_an_empty_one_must_be_asked_for(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from megatron_opd.config.base import ConfigError
+    from megatron_opd.config.tree import CheckpointConfig, OPDConfig
+    from megatron_opd.training.run import _resume
+
+    _, objs, _ = _setup(seed=1)
+    lines: list[str] = []
+
+    def resume(**checkpoint) -> None:
+        cfg = OPDConfig(checkpoint=CheckpointConfig(**checkpoint))
+        _resume(SimpleNamespace(cfg=cfg, training=objs, logger=SimpleNamespace(text=lines.append)))
+
+    typo = str(tmp_path / "rnu")
+    with pytest.raises(ConfigError, match=r"config key 'checkpoint\.load': got '.*rnu'.*does not exist"):
+        resume(load=typo)
+    with pytest.raises(ConfigError, match=r"checkpoint\.load.*does not exist"):  # not even when asked: a typo
+        resume(load=typo, allow_empty_load=True)
+    empty = tmp_path / "run"
+    empty.mkdir()
+    os.makedirs(
+        ckpt.iteration_dir(str(empty), 2) + ".tmp"
+    )  # killed during its first save: still no checkpoint
+    with pytest.raises(ConfigError, match=r"checkpoint\.load.*holds none.*checkpoint\.allow_empty_load=true"):
+        resume(load=str(empty))
+    assert lines == []
+    resume(load=str(empty), allow_empty_load=True)
+    assert lines == [f"no checkpoint under {empty}: starting from the initial weights"]
