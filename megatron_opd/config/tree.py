@@ -479,7 +479,11 @@ class CheckpointConfig:
     save: str | None = None
     """Directory for checkpoints (iter_XXXXXXX folders and a 'latest' marker)."""
     load: str | None = None
-    """Directory to resume from (its latest complete checkpoint)."""
+    """Directory to resume from (its newest intact checkpoint). It must exist: a path that does not is an error
+    (a typo must not start a run from scratch)."""
+    allow_empty_load: bool = False
+    """Start from the initial weights when ``load`` exists but holds no complete checkpoint (a job that resumes
+    itself with load = save, killed before its first save). False: such a folder is an error."""
     save_interval: int = 0
     """Save every N steps; 0 saves only at the end of the run."""
     keep_last: int = 2

@@ -5,10 +5,19 @@ checkpoint must be loadable into another TP/PP layout (train at TP=2, evaluate a
 ``dist_checkpointing`` (torch_dist format) stores every tensor by its global name and shard, which gives the
 re-layout; this module adds what a trainer needs around it:
 
-- Atomicity. A checkpoint is written into ``iter_XXXXXXX.tmp``, every file is fsynced, then the directory is
-  renamed to ``iter_XXXXXXX`` and only then ``latest_checkpointed_iteration.txt`` is replaced (write, fsync,
-  rename). A crash at any point leaves the previous checkpoint as the latest; ``*.tmp`` leftovers are never
-  read and are removed by the next save.
+- Atomicity. A checkpoint is written into ``iter_XXXXXXX.tmp``, a manifest of every file's size and CRC-32 is
+  added last (``checkpoint_manifest.py``), every file is fsynced, then the directory is renamed to
+  ``iter_XXXXXXX`` and only then ``latest_checkpointed_iteration.txt`` is replaced (write, fsync, rename). A
+  crash at any point leaves the previous checkpoint as the latest; ``*.tmp`` leftovers are never read and are
+  removed by the next save.
+- Verification and fallback. Before a resume reads anything, the chosen checkpoint is checked against its
+  manifest; a damaged one (a file missing, cut short or changed) is skipped with a warning naming the file, and
+  the newest intact older one is loaded; when none is intact the error names every damaged file. Checkpoints
+  saved before manifests existed load unverified, with a warning.
+- Safety. Every file is read without running code stored in it (``checkpoint_safety.py``: restricted unpickler
+  for DCP's ``.metadata``, ``weights_only=True`` everywhere else).
+- A full disk during a save raises a ``CheckpointError`` saying so, with the directory and its free bytes; the
+  half-written ``.tmp`` is removed and the previous checkpoint stays the latest.
 - Retention: after a save completes, all but the newest ``keep_last`` checkpoints are deleted.
 - Trainer state: a plain-types dict from the caller (step, consumed prompts, data order, the horizon
   schedule's ``state_dict`` ...) plus the LR scheduler, saved with ``torch.save`` and loaded with
@@ -27,6 +36,7 @@ re-layout; this module adds what a trainer needs around it:
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -43,6 +53,12 @@ from megatron.core import parallel_state as mpu
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_opd.parallel.collectives import collective_device
+from megatron_opd.training import checkpoint_safety as safety
+from megatron_opd.training.checkpoint_manifest import broadcast_from_rank0, verify_checkpoint, write_manifest
+from megatron_opd.training.checkpoint_safety import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +66,6 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 TRAINER_STATE_FILE = "trainer_state.pt"
 FORMAT_VERSION = 1
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or resumed as asked (the message says why and what to do)."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -168,7 +180,10 @@ def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
 def _optimizer_has_state(optimizer: MegatronOptimizer) -> bool:
     """Whether Adam's moments exist yet (they are created by the first step)."""
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    has = torch.tensor(float(any(len(o.optimizer.state) > 0 for o in subs if o.optimizer is not None)))
+    has = torch.tensor(
+        float(any(len(o.optimizer.state) > 0 for o in subs if o.optimizer is not None)),
+        device=collective_device(),
+    )
     dist.all_reduce(has, op=dist.ReduceOp.MAX)  # ranks without parameters in a group still agree
     return bool(has.item())
 
@@ -210,7 +225,6 @@ def save_checkpoint(
     ``trainer_state`` must hold plain types only (numbers, strings, lists, dicts, tensors); a
     ``CheckpointError`` is raised before anything is written otherwise.
     """
-    rank = dist.get_rank()
     final, tmp = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
     state = {
         "format_version": FORMAT_VERSION,
@@ -235,6 +249,27 @@ def save_checkpoint(
         raise CheckpointError(
             f"trainer state is not loadable with weights_only=True (plain types only): {e}"
         ) from e
+    try:
+        _write(root, tmp, final, iteration, buffer.getvalue(), model, optimizer, state, keep_last)
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        if not _is_disk_full(e):
+            raise
+        raise _disk_full_error(root, tmp, iteration) from e
+    return final
+
+
+def _write(
+    root: str,
+    tmp: str,
+    final: str,
+    iteration: int,
+    trainer_bytes: bytes,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer | None,
+    state: dict[str, Any],
+    keep_last: int,
+) -> None:
+    rank = dist.get_rank()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(root):  # leftovers of interrupted saves
@@ -242,7 +277,7 @@ def save_checkpoint(
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "wb") as f:
-            f.write(buffer.getvalue())
+            f.write(trainer_bytes)
     dist.barrier()
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
 
@@ -255,14 +290,70 @@ def save_checkpoint(
     dist.barrier()
     dist_checkpointing.save(sharded, os.path.join(tmp, "dist"))
     dist.barrier()
+    write_manifest(tmp)  # last, so a renamed directory always has one
     if rank == 0:
         _fsync_tree(tmp)
+        stale = None
+        if os.path.isdir(final):
+            # An earlier save of this iteration, left behind when a resume fell back past it: superseded. Moved
+            # to a '.tmp' name first (never read; removed by the next save if a crash leaves it).
+            stale = final + ".stale.tmp"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
         _write_atomic(os.path.join(root, LATEST_FILE), str(iteration))
         _prune(root, keep_last)
     dist.barrier()
-    return final
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it, or a rank failure that DCP wrapped) is a full disk or quota."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # torch.save's zip writer reports a failed write as "[enforce fail at inline_container.cc:...] . unexpected
+        # pos" or "file write failed", without the errno.
+        text = str(x) if not isinstance(x, CheckpointException) else ""
+        if (
+            "No space left on device" in text
+            or "inline_container.cc" in text
+            and ("unexpected pos" in text or "file write failed" in text)
+        ):
+            return True
+        if isinstance(x, CheckpointException):
+            todo.extend(inner for inner, _ in x.failures.values())
+        todo.extend(c for c in (x.__cause__, x.__context__) if c is not None)
+    return False
+
+
+def _disk_full_error(root: str, tmp: str, iteration: int) -> CheckpointError:
+    """Remove the half-written checkpoint (it is never read, and its bytes are what the disk lacks) and say
+    what happened, where, and what is still there."""
+    written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(
+        root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root)) or "."
+    ).free
+    previous = latest_iteration(root)
+    kept = (
+        f"the previous checkpoint {iteration_dir(root, previous)} is intact and stays the latest"
+        if previous is not None
+        else "no earlier checkpoint exists there"
+    )
+    return CheckpointError(
+        f"the disk is full: saving checkpoint {iteration} into {tmp} failed after {written} bytes, and the "
+        f"filesystem of {root} has {free} bytes free; the partial checkpoint was removed and {kept}. Free space "
+        "there, or set checkpoint.save to a disk with room, then resume with --checkpoint.load"
+    )
 
 
 def _shapes_differ(saved: tuple[int, ...], mine: tuple[int, ...], padded_rows: bool) -> bool:
@@ -277,7 +368,7 @@ def _check_architecture(model_sd: dict[str, Any], path: str) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    saved = dist_checkpointing.load_tensors_metadata(os.path.join(path, "dist"))
+    saved = safety.load_tensors_metadata(os.path.join(path, "dist"))
     problems = []
     for t in nested_values(model_sd):
         if not isinstance(t, ShardedTensor):
@@ -296,6 +387,49 @@ def _check_architecture(model_sd: dict[str, Any], path: str) -> None:
         )
 
 
+def _choose_intact(root: str, iteration: int | None) -> int | None:
+    """The checkpoint to load (collective): ``iteration`` if given and intact, else the latest one that is intact,
+    skipping damaged ones with a warning. None when ``root`` holds no complete checkpoint."""
+    if iteration is not None:
+        if not os.path.isdir(iteration_dir(root, iteration)):
+            raise CheckpointError(f"no complete checkpoint for iteration {iteration} under {root}")
+        candidates = [iteration]
+    else:
+        latest = latest_iteration(root)
+        candidates = (
+            []
+            if latest is None
+            else [latest, *(i for i in reversed(complete_iterations(root)) if i < latest)]
+        )
+    candidates = broadcast_from_rank0(candidates)  # every rank walks the same list
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    skipped: list[str] = []
+    for it in candidates:
+        path = iteration_dir(root, it)
+        problems = verify_checkpoint(path)
+        if problems is None:
+            if rank == 0:
+                logger.warning("%s has no manifest (saved by an older version): loading it unverified", path)
+        elif problems:
+            skipped.append(f"{path}: {'; '.join(problems)}")
+            continue
+        if skipped and rank == 0:
+            logger.warning(
+                "skipped damaged checkpoints, loading %s instead:\n  %s", path, "\n  ".join(skipped)
+            )
+        return it
+    if not candidates:
+        return None
+    raise CheckpointError(
+        "no intact checkpoint under "
+        f"{root}"
+        + ("" if iteration is None else f" for iteration {iteration}")
+        + ": "
+        + " | ".join(skipped)
+        + "; restore the named files, or start afresh without --checkpoint.load"
+    )
+
+
 def load_checkpoint(
     root: str,
     model: list[torch.nn.Module],
@@ -306,20 +440,21 @@ def load_checkpoint(
     load_optimizer: bool = True,
     load_rng: bool = True,
 ) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint under ``root`` (or ``iteration``) into the given objects.
+    """Load the newest intact checkpoint under ``root`` (or ``iteration``) into the given objects (collective).
+
+    A checkpoint whose files do not match its manifest is skipped with a warning for the next older one (not
+    when ``iteration`` is given); ``CheckpointError`` naming the damaged files when none is intact.
 
     Returns the saved state: {'iteration', 'trainer' (the dict given to ``save_checkpoint``), 'layout', ...},
     or None when ``root`` holds no complete checkpoint. The model may be in any TP/PP layout. With
     ``load_optimizer`` the optimizer state must be in the checkpoint (else ``CheckpointError``); pass
     ``optimizer=None`` or ``load_optimizer=False`` to take the weights only (a warning is logged).
     """
-    it = latest_iteration(root) if iteration is None else iteration
+    it = _choose_intact(root, iteration)
     if it is None:
         return None
     path = iteration_dir(root, it)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no complete checkpoint for iteration {it} under {root}")
-    state = torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=True)
+    state = safety.load_torch_file(os.path.join(path, TRAINER_STATE_FILE))
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}"
@@ -346,7 +481,7 @@ def load_checkpoint(
     sharded: dict[str, Any] = {"model": model_sd}
     if want_opt and state["optimizer_state"] == "saved":
         sharded["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, os.path.join(path, "dist"))
+    loaded = safety.load_sharded(sharded, os.path.join(path, "dist"))
     for i, chunk in enumerate(model):
         unwrap_model(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     if want_opt:
@@ -362,7 +497,7 @@ def load_checkpoint(
     if load_rng:
         rng_file = os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt")
         if state["layout"] == _layout() and os.path.exists(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            _set_rng_state(safety.load_torch_file(rng_file))
         elif dist.get_rank() == 0:
             logger.warning(
                 "checkpoint layout %s differs from the current %s: RNG states are not restored",

@@ -25,6 +25,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
+from megatron_opd.parallel.collectives import collective_device
+
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -96,7 +98,12 @@ def sharded_state_dict(
             if is_loading:
                 full = {k: torch.empty(param.shape, dtype=torch.float32) for k in keys}
             else:
-                flat = torch.zeros(len(keys), param.numel(), dtype=torch.float32, device=param.device)
+                flat = torch.zeros(
+                    len(keys),
+                    param.numel(),
+                    dtype=torch.float32,
+                    device=collective_device(opt.data_parallel_group),
+                )
                 if end > start:
                     main = mains[param]
                     state = {"fp32_param": main, **opt.optimizer.state[main]}

@@ -264,6 +264,15 @@ def _resume(run: Run) -> None:
     cfg = run.cfg
     if not cfg.checkpoint.load:
         return
+    from megatron_opd.config.base import fail
+
+    if not os.path.isdir(cfg.checkpoint.load):
+        fail(
+            "checkpoint.load",
+            cfg.checkpoint.load,
+            "an existing checkpoint directory (this path does not exist or is not a directory; check for a typo, "
+            "or drop checkpoint.load to start from the initial weights)",
+        )
     state = ckpt.load_checkpoint(
         cfg.checkpoint.load,
         run.training.model,
@@ -272,6 +281,13 @@ def _resume(run: Run) -> None:
         load_optimizer=cfg.checkpoint.load_optimizer,
     )
     if state is None:
+        if not cfg.checkpoint.allow_empty_load:
+            fail(
+                "checkpoint.load",
+                cfg.checkpoint.load,
+                "a directory holding a complete checkpoint (iter_XXXXXXX); this one holds none. To start from the "
+                "initial weights in it (a run that resumes itself), set checkpoint.allow_empty_load=true",
+            )
         run.logger.text(f"no checkpoint under {cfg.checkpoint.load}: starting from the initial weights")
         return
     trainer = state["trainer"]

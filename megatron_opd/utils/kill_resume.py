@@ -238,7 +238,10 @@ def run_harness(
             seg_log = os.path.join(work_dir, f"segment{i:02d}.log")
             offset = os.path.getsize(metrics) if os.path.exists(metrics) else 0
             seg_t0 = time.monotonic()
-            proc = _start([*base, "--checkpoint.save", run_dir, "--checkpoint.load", run_dir], seg_log, env)
+            # The run resumes itself (load = save); before its first save the folder holds no checkpoint yet.
+            os.makedirs(run_dir, exist_ok=True)
+            resume = ["--checkpoint.load", run_dir, "--checkpoint.allow_empty_load", "true"]
+            proc = _start([*base, "--checkpoint.save", run_dir, *resume], seg_log, env)
             if point is None:
                 if proc.wait(timeout=segment_timeout_s) != 0:
                     raise HarnessError(f"the final resumed segment failed:\n{_tail(seg_log)}")

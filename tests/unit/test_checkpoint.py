@@ -1,5 +1,6 @@
 """Checkpoint bookkeeping in one process: atomic directories and the latest marker, keep-last-N, plain-types
-trainer state, optimizer-state rules, exact resume of weights, Adam state, LR schedule and RNG."""
+trainer state, optimizer-state rules, exact resume of weights, Adam state, LR schedule and RNG; a full disk during
+a save (issue 16, item 9) and the resume rules for ``checkpoint.load`` (item 4)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,118 @@ def test_optimizer_kind_mismatch_is_refused(tmp_path) -> None:
     _, objs2, _ = _setup(seed=2, distopt=True)
     with pytest.raises(ckpt.CheckpointError, match="use_distributed_optimizer=false"):
         ckpt.load_checkpoint(root, objs2.model, objs2.optimizer, objs2.scheduler)
+
+
+def _disk_full_in_rng_save(monkeypatch) -> None:
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, str) and f.endswith("rank00000.pt"):
+            # What torch.save's zip writer raises when a write fails for want of space (issue 16).
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 0")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def _disk_full_in_dcp_write(monkeypatch) -> None:
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def write_item(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem_async, "_write_item", write_item)
+
+
+def _disk_full_in_manifest(monkeypatch) -> None:
+    import errno
+
+    from megatron_opd.training import checkpoint_manifest
+
+    def crc(path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint_manifest, "file_crc32", crc)
+
+
+@pytest.mark.parametrize(
+    "inject",
+    [_disk_full_in_rng_save, _disk_full_in_dcp_write, _disk_full_in_manifest],
+    ids=["rng", "dcp", "manifest"],
+)
+def test_disk_full_during_save_says_so_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch, inject
+) -> None:
+    from megatron_opd.training.checkpoint_manifest import verify_checkpoint
+
+    root = str(tmp_path / "run")
+    chunks, objs, step = _setup(seed=1)
+    step([_batch(0)])
+    ckpt.save_checkpoint(root, 1, objs.model, objs.optimizer, objs.scheduler, {"step": 1})
+    saved = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    step([_batch(1)])
+    with monkeypatch.context() as m:
+        inject(m)
+        with pytest.raises(ckpt.CheckpointError) as err:
+            ckpt.save_checkpoint(root, 2, objs.model, objs.optimizer, objs.scheduler, {"step": 2})
+    msg = str(err.value)
+    assert msg.startswith("the disk is full") and ckpt.iteration_dir(root, 2) + ".tmp" in msg, msg
+    assert "bytes free" in msg and f"{ckpt.iteration_dir(root, 1)} is intact" in msg, msg
+    assert sorted(os.listdir(root)) == ["iter_0000001", ckpt.LATEST_FILE]  # the partial save is gone
+    assert ckpt.latest_iteration(root) == 1 and verify_checkpoint(ckpt.iteration_dir(root, 1)) == []
+    chunks2, objs2, _ = _setup(seed=2)
+    assert ckpt.load_checkpoint(root, objs2.model, objs2.optimizer, objs2.scheduler)["iteration"] == 1
+    for n, p in chunks2[0].named_parameters():
+        torch.testing.assert_close(p, saved[n], rtol=0, atol=0, msg=n)
+    # The run can go on saving once space is back.
+    ckpt.save_checkpoint(root, 2, objs.model, objs.optimizer, objs.scheduler, {"step": 2})
+    assert ckpt.latest_iteration(root) == 2
+
+
+def test_other_save_errors_are_not_called_disk_full(tmp_path, monkeypatch) -> None:
+    _, objs, _ = _setup(seed=1)
+
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, str) and f.endswith("rank00000.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:123] some other failure")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(RuntimeError, match="some other failure") as err:
+        ckpt.save_checkpoint(str(tmp_path), 1, objs.model, None, None, {"step": 1})
+    assert not isinstance(err.value, ckpt.CheckpointError)  # passed through unchanged, with its traceback
+
+
+def test_load_path_must_exist_and_an_empty_one_must_be_asked_for(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from megatron_opd.config.base import ConfigError
+    from megatron_opd.config.tree import CheckpointConfig, OPDConfig
+    from megatron_opd.training.run import _resume
+
+    _, objs, _ = _setup(seed=1)
+    lines: list[str] = []
+
+    def resume(**checkpoint) -> None:
+        cfg = OPDConfig(checkpoint=CheckpointConfig(**checkpoint))
+        _resume(SimpleNamespace(cfg=cfg, training=objs, logger=SimpleNamespace(text=lines.append)))
+
+    typo = str(tmp_path / "rnu")
+    with pytest.raises(ConfigError, match=r"config key 'checkpoint\.load': got '.*rnu'.*does not exist"):
+        resume(load=typo)
+    with pytest.raises(ConfigError, match=r"checkpoint\.load.*does not exist"):  # not even when asked: a typo
+        resume(load=typo, allow_empty_load=True)
+    empty = tmp_path / "run"
+    empty.mkdir()
+    os.makedirs(
+        ckpt.iteration_dir(str(empty), 2) + ".tmp"
+    )  # killed during its first save: still no checkpoint
+    with pytest.raises(ConfigError, match=r"checkpoint\.load.*holds none.*checkpoint\.allow_empty_load=true"):
+        resume(load=str(empty))
+    assert lines == []
+    resume(load=str(empty), allow_empty_load=True)
+    assert lines == [f"no checkpoint under {empty}: starting from the initial weights"]

@@ -262,10 +262,11 @@ def iter_checkpoint_tensors(
     (Megatron saves both specs under the TE names, stacking the layers: ``decoder.layers.mlp.linear_fc1.weight``
     has shape ``[num_layers, 2 ffn, hidden]``; ``architecture.checkpoint_key`` finds the key either way.)
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    from megatron_opd.training import checkpoint_safety as safety
+
+    metadata = safety.load_tensors_metadata(str(ckpt_dir))  # never runs code stored in the checkpoint
     by_key: dict[str, list[tuple[A.Rule, int | None]]] = {}
     for rule in rules:
         key, layer = A.checkpoint_key(rule, metadata)
@@ -276,7 +277,7 @@ def iter_checkpoint_tensors(
         request = {
             key: ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype))
         }
-        full = dist_checkpointing.load(request, str(ckpt_dir))[key]
+        full = safety.load_sharded(request, str(ckpt_dir))[key]
         for rule, layer in members:
             yield rule, (full if layer is None else full[layer])
             bar.update()
