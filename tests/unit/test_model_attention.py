@@ -79,9 +79,9 @@ def test_sdpa_equals_dot_product_attention_with_explicit_mask() -> None:
 
 
 def test_local_attention_switch() -> None:
-    sdpa_cls = lambda cfg: (
-        builders.layer_spec(cfg, use_te=False).submodules.self_attention.submodules.core_attention
-    )  # noqa: E731
+    def sdpa_cls(cfg: ModelConfig) -> type:
+        return builders.layer_spec(cfg, use_te=False).submodules.self_attention.submodules.core_attention
+
     assert sdpa_cls(dataclasses.replace(MODEL, local_attention="sdpa")) is SDPAttention
     assert sdpa_cls(dataclasses.replace(MODEL, local_attention="megatron")) is DotProductAttention
     # 'auto' follows CUDA: Megatron's on this CPU machine, SDPA where CUDA is present.
