@@ -16,7 +16,8 @@
 # carry ["benchmarks/wheels"]):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d benchmarks/wheels megatron-core==0.16.1 psutil
-# They are installed with `pip install --no-index --no-deps` when the folder holds wheels. transformer-engine and
+# When the folder holds wheels they are installed (pip --no-index --no-deps --target, or unzipped) into a temporary
+# folder put on PYTHONPATH (so these pinned versions are the ones imported). transformer-engine and
 # sglang do not fit the 64 MiB a checkout may carry: the run works without them (Megatron's local layer spec with
 # torch SDPA attention, masked_softmax_fusion off without its kernels) and its report says so.
 set -uo pipefail
@@ -41,8 +42,15 @@ if compgen -G "$wheels/*.whl" > /dev/null; then
   if [ "$dry" -eq 1 ]; then
     echo "gpu_check.sh: dry run: not installing $wheels/*.whl (the CPU environment is used as it is)"
   else
-    echo "gpu_check.sh: installing $(ls "$wheels"/*.whl | wc -l) offline wheel(s) from $wheels"
-    $PY -m pip install -q --no-index --no-deps "$wheels"/*.whl || echo "gpu_check.sh: offline wheel install failed" >&2
+    # Into a private folder on PYTHONPATH, not the system's site-packages (which may be externally managed);
+    # plain unzipping is the fallback where pip is missing: these wheels need no install-time steps.
+    site=$(mktemp -d)/site
+    echo "gpu_check.sh: installing $(ls "$wheels"/*.whl | wc -l) offline wheel(s) from $wheels into $site"
+    $PY -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl 2>/dev/null \
+      || $PY -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
+        "$site" "$wheels"/*.whl \
+      || echo "gpu_check.sh: offline wheel install failed" >&2
+    export PYTHONPATH="$PYTHONPATH:$site"
   fi
 elif [ "$dry" -eq 0 ]; then
   $PY -c "import megatron.core" 2>/dev/null \
