@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import sys
 
-if "--dry-run" in sys.argv:  # before triton is first imported (megatron.core imports it): interpret on CPU
+if "--dry-run" in sys.argv:  # before torch and triton are imported (megatron.core imports triton)
     import os as _os
 
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+    _os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels interpreted on CPU
+    _os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU run, also on a machine with a GPU
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -94,7 +95,7 @@ GPU = Sizes(
         max_position_embeddings=32768,
         untie_embeddings_and_output_weights=False,
         params_dtype="bfloat16",
-    ),  # fmt: skip
+    ),
     seqs=2,
     seq_len=4096,
     prompt_len=256,
@@ -116,7 +117,8 @@ DRY = Sizes(
         max_position_embeddings=256,
         untie_embeddings_and_output_weights=False,
         params_dtype="float32",
-    ),  # fmt: skip
+        local_attention="sdpa",  # what the GPU run uses without TE (on CPU 'auto' would pick Megatron's)
+    ),
     seqs=2,
     seq_len=40,
     prompt_len=8,
@@ -141,6 +143,7 @@ class Report:
     def __init__(self) -> None:
         self.checks: list[Check] = []
         self.text: list[str] = []
+        self.seconds: dict[str, float] = {}  # wall time of each part (the whole run must fit in 8 minutes)
 
     def add(self, check: Check) -> None:
         self.checks.append(check)
@@ -152,12 +155,15 @@ class Report:
 
     def guarded(self, name: str, fn: Callable[[], None]) -> None:
         """Run one part; an exception becomes a FAIL line for ``name`` (the other parts still run)."""
+        t0 = time.perf_counter()
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - reported, not swallowed
             tb = traceback.format_exc(limit=6)
             self.note(f"{name} raised:\n```\n{tb}```")
             self.add(Check(name, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
 
 
 def _sync(device: torch.device) -> None:
@@ -458,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"{len(report.checks) - len(failed)}/{len(report.checks)} checks passed in {wall:.0f} s" + (
         f"; failed: {', '.join(failed)}" if failed else ""
     )
+    summary += " (parts: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items()) + ")"
     print(summary, flush=True)
     if a.out:
         title = "GPU acceptance dry run (CPU, toy sizes)" if dry else "GPU acceptance run (issue 14)"

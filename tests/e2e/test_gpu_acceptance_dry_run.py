@@ -37,7 +37,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert re.search(r"^transformer_engine: ", report, flags=re.M) and re.search(
         r"^sglang: ", report, flags=re.M
     )
-    assert "local spec" in next(line for line in report.splitlines() if line.startswith("CHECK train-step"))
+    step_line = next(line for line in report.splitlines() if line.startswith("CHECK train-step"))
+    assert "local spec, SDPA attention" in step_line, step_line
     # The student's step really trained: three finite losses are reported.
     losses = re.search(r"losses ([-\d.]+), ([-\d.]+), ([-\d.]+)", report)
     assert losses is not None, report
