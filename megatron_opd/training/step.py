@@ -402,11 +402,16 @@ class TrainStep:
                 g = getattr(p, "main_grad", None)
                 grads.append(p.grad if g is None else g)
         bad = torch.zeros((), dtype=torch.float32, device=self.device)
-        grads = [g for g in grads if g is not None and g.numel() > 0]
-        if grads:
-            # Max-abs norms (one fused launch per dtype): NaN and inf propagate, and no square can overflow.
-            norms = torch._foreach_norm(grads, float("inf"))
-            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in grads:
+            if g is not None and g.numel() > 0:
+                groups.setdefault((g.device, g.dtype), []).append(g)
+        if groups:
+            # L1 norms, one fused launch per device and dtype: a sum propagates NaN and inf (CUDA's max-abs norm
+            # uses fmax, which drops NaN), and a finite sum of |g| reaches fp32's 3.4e38 only for gradients that
+            # are broken anyway (the L2 norm's squares would overflow from |g| ~ 1.8e19).
+            norms = [n.float().to(self.device) for gs in groups.values() for n in torch._foreach_norm(gs, 1)]
+            bad = (~torch.isfinite(torch.stack(norms))).any().float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
