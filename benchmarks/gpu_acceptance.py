@@ -149,6 +149,9 @@ class Report:
         self.checks.append(check)
         print(check.line(), flush=True)
 
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.add(Check(name, ok, detail))
+
     def note(self, text: str) -> None:
         self.text.append(text)
         print(text, flush=True)
@@ -239,19 +242,31 @@ def check_loss_bench(report: Report, sizes: Sizes, dry: bool) -> None:
         d_all = _dlogp(n, h, v, chunk, device, True, "triton")
         finite = all(math.isfinite(x) for x in (mem, t_ideal, vs_chunked, fp8_speed, d_grads, d_all))
         note = _goal_note(dry)
-        report.add(Check(f"loss-memory-N{n}", finite and _judge(dry, mem <= GOALS["memory"]),
-                         f"fused peak / naive peak = {mem:.3f} (goal <= {GOALS['memory']}){note}"))  # fmt: skip
-        report.add(Check(f"loss-time-N{n}", finite and _judge(dry, t_ideal <= GOALS["time_vs_ideal"]),
-                         f"fused {rows[fused]['time_s'] * 1e3:.2f} ms = {t_ideal:.2f} x ideal 6NHV at 790 "
-                         f"TFLOP/s ({ideal * 1e3:.2f} ms; goal <= {GOALS['time_vs_ideal']}){note}"))  # fmt: skip
-        report.add(Check(f"loss-fused-vs-chunked-N{n}", finite and _judge(dry, vs_chunked >= GOALS["fused_vs_chunked"]),
-                         f"chunked/terms / triton/loss time = {vs_chunked:.2f}x (goal >= "
-                         f"{GOALS['fused_vs_chunked']}){note}"))  # fmt: skip
+        report.check(
+            f"loss-memory-N{n}",
+            finite and _judge(dry, mem <= GOALS["memory"]),
+            f"fused peak / naive peak = {mem:.3f} (goal <= {GOALS['memory']}){note}",
+        )
+        report.check(
+            f"loss-time-N{n}",
+            finite and _judge(dry, t_ideal <= GOALS["time_vs_ideal"]),
+            f"fused {rows[fused]['time_s'] * 1e3:.2f} ms = {t_ideal:.2f} x ideal 6NHV at 790 "
+            f"TFLOP/s ({ideal * 1e3:.2f} ms; goal <= {GOALS['time_vs_ideal']}){note}",
+        )
+        report.check(
+            f"loss-fused-vs-chunked-N{n}",
+            finite and _judge(dry, vs_chunked >= GOALS["fused_vs_chunked"]),
+            f"chunked/terms / triton/loss time = {vs_chunked:.2f}x (goal >= "
+            f"{GOALS['fused_vs_chunked']}){note}",
+        )
         fp8_ok = fp8_speed >= GOALS["fp8_speedup"] and d_grads <= GOALS["fp8_dlogp"]
-        report.add(Check(f"loss-fp8-N{n}", finite and _judge(dry, fp8_ok),
-                         f"FP8 gradient GEMMs {fp8_speed:.2f}x faster than bf16, max |d log p| {d_grads:.4f} "
-                         f"(goals >= {GOALS['fp8_speedup']}x, <= {GOALS['fp8_dlogp']}); logits in FP8 too: "
-                         f"{fp8all_speed:.2f}x, max |d log p| {d_all:.4f}{note}"))  # fmt: skip
+        report.check(
+            f"loss-fp8-N{n}",
+            finite and _judge(dry, fp8_ok),
+            f"FP8 gradient GEMMs {fp8_speed:.2f}x faster than bf16, max |d log p| {d_grads:.4f} "
+            f"(goals >= {GOALS['fp8_speedup']}x, <= {GOALS['fp8_dlogp']}); logits in FP8 too: "
+            f"{fp8all_speed:.2f}x, max |d log p| {d_all:.4f}{note}",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,8 +316,14 @@ class Student:
         self.chunks = build_model_chunks(self.model_cfg)
         self.training = setup_training(self.chunks, OptimizerConfig(lr=1e-6), total_steps=10)
         impl = "auto" if torch.cuda.is_available() and not dry else "triton"
-        self.step = TrainStep(self.training.model, self.training.optimizer, self.training.scheduler,
-                              LossConfig(impl=impl), vocab_size=self.model_cfg.vocab_size, impl=impl)  # fmt: skip
+        self.step = TrainStep(
+            self.training.model,
+            self.training.optimizer,
+            self.training.scheduler,
+            LossConfig(impl=impl),
+            vocab_size=self.model_cfg.vocab_size,
+            impl=impl,
+        )
         self.device = self.info.device
 
 
@@ -329,12 +350,15 @@ def check_train_step(report: Report, student: Student, sizes: Sizes, dry: bool) 
         else f"local spec, {'SDPA' if student.sdpa else 'Megatron'} attention"
     )
     tokens = sizes.seqs * sizes.seq_len
-    report.add(Check("train-step", ok,
-                     f"{student.model_cfg.num_layers} layers x H {student.model_cfg.hidden_size}, {tokens} tokens, "
-                     f"{student.model_cfg.params_dtype}, {layers}, loss impl {student.step.impl}: {t * 1e3:.0f} ms/step, "
-                     f"{tokens / t:,.0f} tokens/s, MFU {flops / t / PEAK_BF16:.1%} of 989 TFLOP/s "
-                     f"({flops / t / GEMM_RATE:.1%} of 790 measured), peak {mem:.1f} GiB, losses "
-                     f"{', '.join(f'{r.loss:.4f}' for r in [r0, *results])}"))  # fmt: skip
+    report.check(
+        "train-step",
+        ok,
+        f"{student.model_cfg.num_layers} layers x H {student.model_cfg.hidden_size}, {tokens} tokens, "
+        f"{student.model_cfg.params_dtype}, {layers}, loss impl {student.step.impl}: {t * 1e3:.0f} ms/step, "
+        f"{tokens / t:,.0f} tokens/s, MFU {flops / t / PEAK_BF16:.1%} of 989 TFLOP/s "
+        f"({flops / t / GEMM_RATE:.1%} of 790 measured), peak {mem:.1f} GiB, losses "
+        f"{', '.join(f'{r.loss:.4f}' for r in [r0, *results])}",
+    )
 
 
 def check_checkpoint(report: Report, student: Student, workdir: str) -> None:
@@ -361,9 +385,12 @@ def check_checkpoint(report: Report, student: Student, workdir: str) -> None:
     after = dict(student.chunks[0].named_parameters())
     bad = [k for k, v in before.items() if not torch.equal(v, after[k].detach())]
     ok = state is not None and state["iteration"] == 7 and state["trainer"]["step"] == 7 and not bad
-    report.add(Check("checkpoint", ok,
-                     f"backend {dist.get_backend()}, {size / 2**30:.2f} GiB saved in {t_save:.1f} s, loaded in "
-                     f"{t_load:.1f} s; weights restored exactly: {'yes' if not bad else f'no ({len(bad)} differ)'}"))  # fmt: skip
+    report.check(
+        "checkpoint",
+        ok,
+        f"backend {dist.get_backend()}, {size / 2**30:.2f} GiB saved in {t_save:.1f} s, loaded in "
+        f"{t_load:.1f} s; weights restored exactly: {'yes' if not bad else f'no ({len(bad)} differ)'}",
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -399,9 +426,12 @@ def check_weight_gather(report: Report, student: Student) -> None:
         0
     ].config.params_dtype.itemsize
     ok = nbytes == expected and len(set(names)) == len(names)
-    report.add(Check("weight-gather", ok,
-                     f"{len(names)} HF tensors, {nbytes / 2**30:.2f} GiB (expected {expected / 2**30:.2f}) in "
-                     f"{t * 1e3:.1f} ms = {nbytes / t / 1e9:.1f} GB/s"))  # fmt: skip
+    report.check(
+        "weight-gather",
+        ok,
+        f"{len(names)} HF tensors, {nbytes / 2**30:.2f} GiB (expected {expected / 2**30:.2f}) in "
+        f"{t * 1e3:.1f} ms = {nbytes / t / 1e9:.1f} GB/s",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,8 +442,10 @@ def environment(dry: bool) -> str:
             m = __import__(mod, fromlist=["__version__"])
             lines.append(f"{mod}: {getattr(m, '__version__', 'installed')}")
         except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
-            why = {"transformer_engine": "student uses Megatron's local spec (torch SDPA attention on CUDA)",
-                   "sglang": "rollouts/teacher use the embedded engine; SGLang is not checked"}.get(mod, "")  # fmt: skip
+            why = {
+                "transformer_engine": "student uses Megatron's local spec (torch SDPA attention on CUDA)",
+                "sglang": "rollouts/teacher use the embedded engine; SGLang is not checked",
+            }.get(mod, "")
             lines.append(f"{mod}: not available ({type(e).__name__}){' -> ' + why if why else ''}")
     if torch.cuda.is_available() and not dry:
         lines.append(
