@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sglang-env test test-fast lint format bench gpu-check clean
+.PHONY: setup sglang-env gpu-env test test-fast lint format bench gpu-check gpu-check-dry-run clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,26 @@ $(SGL_STAMP): requirements/sglang.txt requirements/sglang-constraints.txt
 	PYTHONPATH=requirements/sglang_stubs SGLANG_USE_CPU_ENGINE=1 $(SGL_VENV)/bin/python -c "import sglang.srt.entrypoints.http_server"
 	touch $(SGL_STAMP)
 
+# GPU environment (Python 3.12, CUDA 13 driver, nvcc + cuDNN headers for Transformer-Engine's build): torch, triton,
+# megatron-core, transformers and sglang pinned in requirements/gpu.txt, then Transformer-Engine compiled against
+# that torch without build isolation (requirements/gpu-te.txt says why). The Dockerfile builds the same set.
+PY312 ?= python3.12
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+gpu-env: $(GPU_STAMP)
+
+$(GPU_STAMP): setup.py requirements/gpu.txt requirements/gpu-te.txt
+	$(PY312) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -r requirements/gpu.txt -e .
+	$(GPU_VENV)/bin/python -m pip install -q setuptools wheel ninja "cmake>=3.21" "pybind11[global]"
+	NVTE_FRAMEWORK=pytorch MAX_JOBS=$${MAX_JOBS:-8} \
+	  $(GPU_VENV)/bin/python -m pip install -q --no-build-isolation -r requirements/gpu-te.txt
+	$(GPU_VENV)/bin/python -c "import torch, triton, megatron.core, transformer_engine.pytorch, sglang; \
+	  assert torch.__version__.startswith('2.14.1') and torch.version.cuda.startswith('13'), torch.__version__; \
+	  print('gpu-env: torch', torch.__version__, 'triton', triton.__version__, 'sglang', sglang.__version__)"
+	touch $(GPU_STAMP)
+
 # The whole suite; exit code 5 (no tests collected) is a failure, not a pass.
 test: setup sglang-env
 	$(VPY) -m pytest tests -q -rs --durations=15; rc=$$?; \
@@ -53,5 +73,8 @@ bench: setup
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+gpu-check-dry-run: setup
+	PY=$(VPY) bash benchmarks/gpu_check.sh --dry-run
+
 clean:
-	rm -rf $(VENV) $(SGL_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) $(GPU_VENV) build *.egg-info .pytest_cache .ruff_cache

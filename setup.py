@@ -1,7 +1,8 @@
 """Install megatron-opd.
 
 CPU machines: ``pip install -r requirements/cpu.txt -e '.[dev]'`` (the pinned torch is the CPU build).
-GPU clusters: ``pip install -r requirements/gpu.txt -e '.[gpu]'``.
+GPU clusters (Python 3.12, CUDA 13): ``make gpu-env``, i.e. ``pip install -r requirements/gpu.txt -e .`` and then
+``pip install --no-build-isolation -r requirements/gpu-te.txt`` (Transformer-Engine compiles against that torch).
 """
 
 from setuptools import find_packages, setup
@@ -34,7 +35,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff", "matplotlib", "triton==3.7.1"],
-        "gpu": ["triton", "transformer-engine[pytorch]"],
+        # The ranges requirements/gpu*.txt pin inside: torch 2.14.1's triton, megatron-core 0.16.1's TE range.
+        # Install TE with --no-build-isolation (requirements/gpu-te.txt says why), or use `make gpu-env`.
+        "gpu": ["triton~=3.8.0", "transformer-engine[pytorch]>=2.9,<2.12"],
         "plot": ["matplotlib"],
     },
     entry_points={

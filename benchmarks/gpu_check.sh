@@ -1,67 +1,80 @@
 #!/usr/bin/env bash
-# GPU check for the fused LM-head + OPD loss (issue 7), sized for one H200 in under 8 minutes:
-#   1. the CUDA numerics tests (tests/gpu/test_loss_gpu.py: Triton/cuBLAS vs the fp32 reference, FP8 error),
-#   2. the GPU benchmark (benchmarks/bench_loss.py --gpu: N = 4096 and 16384, V = 151936, H = 1536).
-# Output: benchmarks/results/<UTC date>-<gpu name>.md (also copied to $OUT when that is set).
+# The GPU acceptance run (issue 14) on one H200, in under 8 minutes, without network:
+#   (a) the CUDA loss numerics tests and the loss benchmark at N = 4,096 and 16,384 (V = 151,936, H = 1,536)
+#       against our goals, (b) a Megatron student step at Qwen2-1.5B width with its MFU, (c) a checkpoint save and
+#       load under NCCL, (d) the trainer -> HF-names weight gather in GB/s. One "CHECK <name>: PASS|FAIL" line each;
+#   the report goes to benchmarks/results/<UTC date>-<gpu>.md (also copied to $OUT when that is set).
+# The checks live in benchmarks/gpu_acceptance.py; this script prepares the environment and runs it.
 #
-# Needs only torch (CUDA build) and triton. megatron-core and transformer-engine are not needed by the loss
-# and are not installed on the check machine: the TP=2 test (tests/distributed, gloo on CPU) and any
-# Transformer-Engine FP8 path are skipped here and said so in the report. Uses pytest when installed, else
-# runs the test file directly.
+# Usage: bash benchmarks/gpu_check.sh [--dry-run] [--out FILE]
+#   --dry-run  every part on CPU at toy size (gloo, fp32, Triton interpreted; ~30-60 s); the report goes to a
+#              temporary file unless --out is given. tests/e2e/test_gpu_acceptance_dry_run.py runs this.
+#
+# Offline packages: the check machine has torch, triton, transformers, pytest, numpy, pyyaml, safetensors, tqdm,
+# tensorboard, but no megatron-core and no package index. Fill the git-ignored benchmarks/wheels/ here, on a
+# machine with network, with cp312 manylinux wheels (about 3 MiB) and ship it with the checkout (the device tool:
+# carry ["benchmarks/wheels"]):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       -d benchmarks/wheels megatron-core==0.16.1 psutil
+# When the folder holds wheels they are installed (pip --no-index --no-deps --target, or unzipped) into a temporary
+# folder put on PYTHONPATH (so these pinned versions are the ones imported). transformer-engine and
+# sglang do not fit the 64 MiB a checkout may carry: the run works without them (Megatron's local layer spec with
+# torch SDPA attention, masked_softmax_fusion off without its kernels) and its report says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
 
+dry=0
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --out) out="$2"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (use --dry-run, --out FILE)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+wheels=benchmarks/wheels
+if compgen -G "$wheels/*.whl" > /dev/null; then
+  if [ "$dry" -eq 1 ]; then
+    echo "gpu_check.sh: dry run: not installing $wheels/*.whl (the CPU environment is used as it is)"
+  else
+    # Into a private folder on PYTHONPATH, not the system's site-packages (which may be externally managed);
+    # plain unzipping is the fallback where pip is missing: these wheels need no install-time steps.
+    site=$(mktemp -d)/site
+    echo "gpu_check.sh: installing $(ls "$wheels"/*.whl | wc -l) offline wheel(s) from $wheels into $site"
+    $PY -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl 2>/dev/null \
+      || $PY -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
+        "$site" "$wheels"/*.whl \
+      || echo "gpu_check.sh: offline wheel install failed" >&2
+    export PYTHONPATH="$PYTHONPATH:$site"
+  fi
+elif [ "$dry" -eq 0 ]; then
+  $PY -c "import megatron.core" 2>/dev/null \
+    || echo "gpu_check.sh: megatron-core missing and $wheels/ empty: the student checks will FAIL (see the header)" >&2
+fi
+
+if [ "$dry" -eq 1 ]; then
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  [ -n "$out" ] || out="$(mktemp -d)/gpu-acceptance-dry-run.md"
+  timeout 300 $PY benchmarks/gpu_acceptance.py --dry-run --out "$out"
+  exit $?
+fi
+
+unset TRITON_INTERPRET
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check.sh: no CUDA device visible to $PY; nothing to do" >&2
+  echo "gpu_check.sh: no CUDA device visible to $PY; use --dry-run for the CPU version" >&2
   exit 2
 fi
 gpu=$($PY -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-'))")
-out="benchmarks/results/$(date -u +%F)-${gpu}.md"
-mkdir -p benchmarks/results
-tmp=$(mktemp -d)
-start=$(date +%s)
-
-{
-  echo "# GPU check, issue 7 (fused LM-head + OPD loss): $(date -u '+%F %H:%M UTC'), ${gpu}"
-  echo
-  echo '```'
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
-  $PY -c "import megatron.core" 2>/dev/null && echo "megatron-core: installed" \
-    || echo "megatron-core: not installed -> tests/distributed (TP=2 gloo, CPU) skipped here"
-  $PY -c "import transformer_engine" 2>/dev/null && echo "transformer-engine: installed (not used: FP8 goes through torch._scaled_mm)" \
-    || echo "transformer-engine: not installed -> no TE FP8 path (this loss uses torch._scaled_mm)"
-  echo '```'
-  echo
-  echo "## 1. CUDA numerics tests (tests/gpu/test_loss_gpu.py)"
-  echo
-  echo '```'
-} > "$out"
-
-if $PY -c "import pytest" 2>/dev/null; then
-  timeout 240 $PY -m pytest tests/gpu/test_loss_gpu.py -q -s -rs -p no:cacheprovider -o addopts="" 2>&1 | tee "$tmp/tests.log"
-  tests_rc=${PIPESTATUS[0]}
-else
-  echo "(pytest not installed: running the test file directly)" | tee "$tmp/tests.log"
-  timeout 240 $PY tests/gpu/test_loss_gpu.py 2>&1 | tee -a "$tmp/tests.log"
-  tests_rc=${PIPESTATUS[0]}
-fi
-tail -n 60 "$tmp/tests.log" >> "$out"
-{ echo "exit code: $tests_rc"; echo '```'; echo; echo "## 2. Benchmark (benchmarks/bench_loss.py --gpu)"; echo; } >> "$out"
-
-timeout 330 $PY benchmarks/bench_loss.py --gpu --out "$tmp/bench.md" 2>&1 | tee "$tmp/bench.log"
-bench_rc=${PIPESTATUS[0]}
-if [ -s "$tmp/bench.md" ]; then
-  sed '1d' "$tmp/bench.md" >> "$out"  # drop its title; the header above names the run
-else
-  { echo "benchmark did not finish (exit code $bench_rc); its log:"; echo '```'; tail -n 40 "$tmp/bench.log"; echo '```'; } >> "$out"
-fi
-{ echo; echo "Total wall time: $(( $(date +%s) - start )) s; tests exit $tests_rc, benchmark exit $bench_rc."; } >> "$out"
-
-echo "wrote $out"
-if [ -n "${OUT:-}" ]; then cp "$out" "$OUT/"; fi
-rm -rf "$tmp"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ -n "$out" ] || out="benchmarks/results/$(date -u +%F)-${gpu}.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+# 8 minutes in all: the parts are sized for about 4 on an H200; the rest is margin (Triton compilation, disk).
+timeout 480 $PY benchmarks/gpu_acceptance.py --out "$out"
+rc=$?
+[ "$rc" -eq 124 ] && echo "gpu_check.sh: the run passed its 8-minute budget and was stopped" >&2
+if [ -n "${OUT:-}" ] && [ -f "$out" ]; then cp "$out" "$OUT/"; fi
+exit $rc

@@ -58,6 +58,10 @@ class ModelConfig:
     """FP8 recipe for Transformer-Engine layers (GPU with TE only); None disables FP8."""
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     """Layer spec: Transformer-Engine when it imports ('auto'), or Megatron's local spec."""
+    local_attention: Literal["auto", "sdpa", "megatron"] = "auto"
+    """Core attention of Megatron's local spec (no effect with TE layers): torch SDPA, flash/memory-efficient
+    kernels with O(s) memory ('sdpa'), or Megatron's DotProductAttention with [s, s] scores ('megatron');
+    'auto' picks 'sdpa' when CUDA is present and 'megatron' on CPU."""
     recompute_activations: bool = False
     """Recompute each transformer layer in the backward pass to save activation memory."""
 

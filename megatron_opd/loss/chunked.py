@@ -56,15 +56,17 @@ def _half_mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def matmul_nt_fp32(a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+def matmul_nt_fp32(
+    a: torch.Tensor, b: torch.Tensor, fp8: bool = False, b_fp8: fp8_mm.Quantized | None = None
+) -> torch.Tensor:
     """a @ b^T with fp32 accumulation and an fp32 result. a [M, K], b [N, K] -> [M, N] fp32.
 
     On CUDA half inputs use cuBLAS' half-in/fp32-out GEMM (``torch.mm(..., out_dtype=float32)``) so the
     logits are not rounded to bf16; elsewhere (or where that is missing) the operands are upcast.
-    ``fp8`` routes through ``fp8.matmul_nt``.
+    ``fp8`` routes through ``fp8.matmul_nt``, with ``b_fp8`` (b already quantised) when given.
     """
     if fp8:
-        return fp8_mm.matmul_nt(a, b)
+        return fp8_mm.matmul_nt(a, b if b_fp8 is None else b_fp8)
     if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
         out = _half_mm_fp32(a, b.t())
         if out is not None:
@@ -72,14 +74,21 @@ def matmul_nt_fp32(a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch
     return torch.mm(a.float(), b.float().t())
 
 
-def matmul_nn_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> None:
+def matmul_nn_into(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fp8: bool = False,
+    bt_fp8: fp8_mm.Quantized | None = None,
+) -> None:
     """out += a @ b in fp32. a [M, K] fp32, b [K, N] (any float), out [M, N] fp32.
 
     Used for d hidden = dz @ W and d W = dz^T @ h. On CUDA with half operands dz is cast to b's dtype first
-    (as Liger does) so the GEMM runs on tensor cores; the accumulation stays fp32.
+    (as Liger does) so the GEMM runs on tensor cores; the accumulation stays fp32. With ``fp8``, ``bt_fp8``
+    is b^T already quantised (``fp8.quantize_operand(b.t())``), when given.
     """
     if fp8:
-        out += fp8_mm.matmul_nt(a, b.t())
+        out += fp8_mm.matmul_nt(a, b.t() if bt_fp8 is None else bt_fp8)
         return
     if b.dtype in (torch.bfloat16, torch.float16) and b.is_cuda:
         prod = _half_mm_fp32(a.to(b.dtype), b)
@@ -215,6 +224,24 @@ def chunks(n: int, chunk_size: int) -> list[slice]:
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 
+@dataclass(frozen=True)
+class Fp8Weight:
+    """The LM-head weight W [V/tp, H] quantised once per forward or backward of the loss, for every chunk."""
+
+    logits: fp8_mm.Quantized | None
+    """W for z = h @ W^T (scales per vocabulary row), when the logits GEMM runs in FP8."""
+    grad_hidden: fp8_mm.Quantized | None
+    """W^T [H, V/tp] for d hidden = dz @ W (scales per hidden row), when the gradient GEMMs run in FP8."""
+
+
+def quantize_weight(weight: torch.Tensor, logits: bool, grad_hidden: bool) -> Fp8Weight:
+    """The FP8 forms of W [V/tp, H] that the chunk loop will need (None for a GEMM that is not FP8)."""
+    return Fp8Weight(
+        logits=fp8_mm.quantize_operand(weight) if logits else None,
+        grad_hidden=fp8_mm.quantize_operand(weight.t()) if grad_hidden else None,
+    )
+
+
 def accumulate_grads(
     dz: torch.Tensor,
     hidden_c: torch.Tensor,
@@ -222,12 +249,15 @@ def accumulate_grads(
     grad_hidden_c: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     fp8: bool = False,
+    weight_fp8: Fp8Weight | None = None,
 ) -> None:
     """grad_hidden_c += dz @ W; grad_weight += dz^T @ h (fp32; None skips that GEMM).
 
-    dz [C, V/tp], hidden_c [C, H], W [V/tp, H], grad_hidden_c [C, H], grad_weight [V/tp, H].
+    dz [C, V/tp], hidden_c [C, H], W [V/tp, H], grad_hidden_c [C, H], grad_weight [V/tp, H]. With ``fp8``,
+    ``weight_fp8`` (``quantize_weight``) saves quantising W again for this chunk.
     """
     if grad_hidden_c is not None:
-        matmul_nn_into(grad_hidden_c, dz, weight, fp8)
+        wt = None if weight_fp8 is None else weight_fp8.grad_hidden
+        matmul_nn_into(grad_hidden_c, dz, weight, fp8, wt)
     if grad_weight is not None:
         matmul_nn_into(grad_weight, dz.t(), hidden_c, fp8)

@@ -12,6 +12,7 @@ applies the scales on the output. Transformer-Engine is not used: it cannot be i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -46,25 +47,57 @@ def quantize(x: torch.Tensor, scaling: Scaling = "row") -> tuple[torch.Tensor, t
     return q, scale
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """A right-hand GEMM operand b [N, K] quantised once for many ``matmul_nt(a, b)`` (the LM-head weight is
+    the same for every chunk of tokens: quantising it per chunk would re-read and re-scale V x H values each
+    time). ``q`` [Np, Kp] FP8 and ``scale`` ([Np, 1] or []) as ``quantize`` returns them for b zero-padded to
+    multiples of 16; ``shape`` is b's unpadded (N, K)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int]
+    scaling: Scaling
+
+
+def quantize_operand(b: torch.Tensor, scaling: Scaling = "row") -> Quantized:
+    """b [N, K] -> its ``Quantized`` form (padded to multiples of 16, scaled along K)."""
+    n, k = b.shape
+    q, scale = quantize(_pad_to(b, _round_up(n), _round_up(k)), scaling)
+    return Quantized(q, scale, (n, k), scaling)
+
+
 def matmul_nt(
-    a: torch.Tensor, b: torch.Tensor, scaling: Scaling = "row", out_dtype: torch.dtype = torch.float32
+    a: torch.Tensor,
+    b: torch.Tensor | Quantized,
+    scaling: Scaling = "row",
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """a @ b^T through FP8 operands with fp32 accumulation. a [M, K], b [N, K] -> [M, N] ``out_dtype``.
 
-    Both operands are scaled along K (the contraction), so per-row scales factor out of the sum exactly.
-    Dimensions are zero-padded to multiples of 16 (zeros change neither the sums nor the row scales).
-    On CUDA, row-wise scaled ``_scaled_mm`` only writes bf16, so the product is rounded to bf16 (2^-9
-    relative, far below the FP8 operand error of ~2^-5) before the cast to ``out_dtype``.
+    ``b`` may be given already quantised (``quantize_operand``), with the same ``scaling``; the result is then
+    bit-identical to passing the tensor. Both operands are scaled along K (the contraction), so per-row scales
+    factor out of the sum exactly. Dimensions are zero-padded to multiples of 16 (zeros change neither the sums
+    nor the row scales). On CUDA, row-wise scaled ``_scaled_mm`` only writes bf16, so the product is rounded to
+    bf16 (2^-9 relative, far below the FP8 operand error of ~2^-5) before the cast to ``out_dtype``.
     """
+    if not isinstance(b, Quantized):
+        b = quantize_operand(b, scaling)
+    elif b.scaling != scaling:
+        raise ValueError(f"b was quantised with scaling {b.scaling!r}, the product asks for {scaling!r}")
     m, k = a.shape
     n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(
+            f"matmul_nt: a is [{m}, {k}] but b is {list(b.shape)}; their last dimensions must match"
+        )
     mp, kp, np_ = _round_up(m), _round_up(k), _round_up(n)
     qa, sa = quantize(_pad_to(a, mp, kp), scaling)
-    qb, sb = quantize(_pad_to(b, np_, kp), scaling)
+    sb = b.scale
     if scaling == "row":
         sb = sb.reshape(1, np_)
     else:
         sa, sb = sa.reshape(()), sb.reshape(())
     mm_dtype = torch.bfloat16 if (a.is_cuda and scaling == "row") else out_dtype
-    out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype)
+    out = torch._scaled_mm(qa, b.q.t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype)
     return out[:m, :n].to(out_dtype)

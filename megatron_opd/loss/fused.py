@@ -13,7 +13,8 @@ LM-head weight, with different trade-offs.
   does for cross-entropy, and backward only scales it. Cost: 3 GEMMs (6 N H V/tp FLOPs), the ideal.
 
 FP8 (``fp8.Fp8Mode``): 'grads' runs d hidden and d weight in FP8, 'all' also the logits GEMM (forward and its
-recompute, so backward sees the same probabilities as forward).
+recompute, so backward sees the same probabilities as forward). The weight is quantised once per pass over the
+chunks (``chunked.quantize_weight``), not once per chunk.
 
 Vocabulary parallelism: the returned/accumulated hidden-state gradient is this rank's partial sum (its
 vocabulary shard's contribution), exactly as for ``hidden @ weight_shard.T``; sum it over the TP group where
@@ -46,6 +47,16 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_cuda else x.float()
 
 
+def _quantize_weight(weight: torch.Tensor, fp8: Fp8Mode, grad_hidden: bool) -> chunked.Fp8Weight | None:
+    """W's FP8 forms for one pass over the chunks: W for the logits ('all'), W^T for d hidden (``grad_hidden``)."""
+    logits, grad_hidden = fp8 == "all", grad_hidden and fp8 != "off"
+    return chunked.quantize_weight(weight, logits, grad_hidden) if (logits or grad_hidden) else None
+
+
+def _logits_fp8(weight_fp8: chunked.Fp8Weight | None):
+    return None if weight_fp8 is None else weight_fp8.logits
+
+
 def _forward_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -60,6 +71,7 @@ def _forward_chunks(
     chunk_size: int,
     backend: Backend,
     fp8: Fp8Mode,
+    weight_fp8: chunked.Fp8Weight | None = None,
     on_chunk=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Run the chunk loop; returns (logp [N], kl [N] | None, ids [N, K] | None, s [N, K] | None, lse [N]).
@@ -71,7 +83,7 @@ def _forward_chunks(
     lse = torch.empty_like(logp)
     kl_parts, ids_parts, s_parts = [], [], []
     for sl in chunked.chunks(n, chunk_size):
-        z = chunked.matmul_nt_fp32(hidden[sl], weight, fp8 == "all")
+        z = chunked.matmul_nt_fp32(hidden[sl], weight, fp8 == "all", _logits_fp8(weight_fp8))
         terms = chunked.chunk_forward(
             z,
             targets[sl],
@@ -119,6 +131,7 @@ class LinearOPDTerms(torch.autograd.Function):
         logp, kl, ids_used, s, lse = _forward_chunks(
             h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
             tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8,
+            weight_fp8=_quantize_weight(w, fp8, grad_hidden=False),
         )  # fmt: skip
         has_kl = kl is not None
         ctx.save_for_backward(
@@ -145,15 +158,16 @@ class LinearOPDTerms(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w_fp8 = _quantize_weight(w, ctx.fp8, grad_hidden=need_h)
         for sl in chunked.chunks(n, ctx.chunk_size):
-            z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8 == "all")
+            z = chunked.matmul_nt_fp32(h[sl], w, ctx.fp8 == "all", _logits_fp8(w_fp8))
             dz = chunked.logits_grad_(
                 z, lse[sl], targets[sl], g_logp[sl],
                 None if g_s is None else ids[sl], None if g_s is None else g_s[sl],
                 vocab_start=ctx.vocab_start, backend=ctx.backend, out_dtype=_dz_dtype(w),
             )  # fmt: skip
             gh = None if grad_h is None else grad_h[sl]
-            chunked.accumulate_grads(dz, h[sl], w, gh, grad_w, ctx.fp8 != "off")
+            chunked.accumulate_grads(dz, h[sl], w, gh, grad_w, ctx.fp8 != "off", w_fp8)
             del z, dz
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
@@ -200,6 +214,7 @@ class LinearOPDLoss(torch.autograd.Function):
         h, w = _operand(hidden), _operand(weight)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        w_fp8 = _quantize_weight(w, fp8, grad_hidden=True)  # gradients are computed in this forward
 
         def grad_in_forward(sl: slice, z: torch.Tensor, terms: chunked.ChunkTerms) -> None:
             g_s = (
@@ -218,11 +233,12 @@ class LinearOPDLoss(torch.autograd.Function):
                 backend=backend,
                 out_dtype=_dz_dtype(w),
             )
-            chunked.accumulate_grads(dz, h[sl], w, grad_h[sl], grad_w, fp8 != "off")
+            chunked.accumulate_grads(dz, h[sl], w, grad_h[sl], grad_w, fp8 != "off", w_fp8)
 
         logp, kl, _, _, _ = _forward_chunks(
             h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
-            tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8, on_chunk=grad_in_forward,
+            tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8, weight_fp8=w_fp8,
+            on_chunk=grad_in_forward,
         )  # fmt: skip
         logp = logp.reshape(shape)
         kl = kl.reshape(shape) if kl is not None else None

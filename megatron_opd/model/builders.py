@@ -17,6 +17,7 @@ trainer masks the padding ids out of the softmax so logprobs match the unpadded 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -57,6 +58,31 @@ def transformer_engine_available() -> bool:
     except Exception:  # any import failure means we cannot use it
         return False
     return True
+
+
+# Megatron's fused softmax (masked_softmax_fusion) imports these extensions at its first call; they are built by
+# apex or shipped in NGC images, not in megatron-core's wheel.
+_SOFTMAX_KERNELS = (
+    "scaled_upper_triang_masked_softmax_cuda",
+    "scaled_masked_softmax_cuda",
+    "scaled_softmax_cuda",
+)
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def masked_softmax_fusion_available() -> bool:
+    """Whether Megatron's ``masked_softmax_fusion`` can run: CUDA is present and its softmax kernels import."""
+    return torch.cuda.is_available() and all(_importable(m) for m in _SOFTMAX_KERNELS)
+
+
+def use_sdpa_attention(model_cfg: ModelConfig) -> bool:
+    """Resolve ``model.local_attention`` for the local spec: 'auto' is SDPA on CUDA, Megatron's on CPU."""
+    if model_cfg.local_attention == "auto":
+        return torch.cuda.is_available()
+    return model_cfg.local_attention == "sdpa"
 
 
 def use_transformer_engine(model_cfg: ModelConfig) -> bool:
@@ -125,9 +151,10 @@ def transformer_config(
         # variable_seq_lengths passes Megatron's config check only with this dispatcher (no MoE is used).
         moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=cpu,
-        # Fusions that need CUDA kernels (apex, TE) are off on CPU.
+        # Fusions that need CUDA kernels (apex, TE) are off on CPU and where the kernel is missing; the other two
+        # are TorchScript fusions that any CUDA torch runs.
         gradient_accumulation_fusion=False,
-        masked_softmax_fusion=not cpu,
+        masked_softmax_fusion=masked_softmax_fusion_available(),
         bias_activation_fusion=not cpu,
         bias_dropout_fusion=not cpu,
         apply_rope_fusion=False,
@@ -145,8 +172,14 @@ def layer_spec(model_cfg: ModelConfig, use_te: bool | None = None) -> ModuleSpec
 
         logger.info("layer spec: Transformer-Engine")
         return get_gpt_layer_with_transformer_engine_spec()
-    logger.info("layer spec: Megatron local (transformer_engine not used)")
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if use_sdpa_attention(model_cfg):
+        from megatron_opd.model.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    attention = "torch SDPA" if use_sdpa_attention(model_cfg) else "Megatron DotProductAttention"
+    logger.info("layer spec: Megatron local (transformer_engine not used), attention: %s", attention)
+    return spec
 
 
 def build_model(

@@ -97,16 +97,29 @@ def check_served_model(client, expected_dir: str, role: str) -> None:
             )
 
 
+def embedded_engine_placement(
+    params_dtype: str, cuda: bool, cuda_index: int = 0
+) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the in-process (embedded) engines: the trainer's CUDA device in the student's dtype
+    when CUDA is present; CPU in fp32 otherwise (logprob parity with the trainer's fp32 CPU model: bf16 on CPU
+    would be both slow and off by ~1e-2 in log p)."""
+    if cuda:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(params_dtype, torch.float32)
+        return torch.device("cuda", cuda_index), dtype
+    return torch.device("cpu"), torch.float32
+
+
 def build_rollout_engine(
     cfg: RolloutConfig,
     *,
     hf_path: str,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     weight_sync_dir: str | None = None,
     master_port: int | None = None,
     master_address: str = "127.0.0.1",
 ) -> RolloutEngine:
-    """The student engine of ``cfg.backend`` on the model at ``hf_path``.
+    """The student engine of ``cfg.backend`` on the model at ``hf_path`` (embedded: on ``device`` in ``dtype``).
 
     sglang: servers at ``cfg.sglang_urls`` must already serve ``hf_path`` (health is checked now); weight sync per
     ``cfg.weight_sync``: 'distributed' forms a group with this process as rank 0 at ``master_address`` (a free port
@@ -115,7 +128,7 @@ def build_rollout_engine(
     if cfg.backend == "embedded":
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine.from_hf_dir(hf_path, dtype=dtype)
+        return EmbeddedEngine.from_hf_dir(hf_path, dtype=dtype, device=device)
     from megatron_opd.rollout.sglang_engine import SGLangEngine
     from megatron_opd.rollout.sglang_weights import DiskWeightSync, DistributedWeightSync
 
@@ -144,18 +157,19 @@ def build_teacher_scorer(
     *,
     hf_path: str | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     max_concurrency: int = 64,
     request_timeout_s: float = 600.0,
     max_retries: int = 3,
 ) -> TeacherScorer:
-    """The teacher of ``cfg.backend``; sglang servers are probed now for ``cfg.topk`` / ``cfg.topk_strategy``."""
+    """The teacher of ``cfg.backend`` (embedded: on ``device`` in ``dtype``); sglang servers are probed now for ``cfg.topk`` / ``cfg.topk_strategy``."""
     if cfg.backend == "embedded":
         from megatron_opd.teacher.embedded import EmbeddedScorer
 
         path = hf_path or cfg.hf_path
         if path is None:
             raise ValueError("teacher.backend='embedded' needs teacher.hf_path")
-        return EmbeddedScorer.from_hf_dir(path, dtype=dtype)
+        return EmbeddedScorer.from_hf_dir(path, dtype=dtype, device=device)
     from megatron_opd.teacher.sglang_scorer import SGLangScorer
 
     scorer = SGLangScorer(_client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries))

@@ -101,6 +101,7 @@ def setup_run(cfg: OPDConfig) -> Run:
         params_dtype=cfg.model.params_dtype,
         fp8=cfg.model.fp8,
         transformer_impl=cfg.model.transformer_impl,
+        local_attention=cfg.model.local_attention,
         recompute_activations=cfg.model.recompute_activations,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
     )
@@ -168,21 +169,24 @@ def _build_engines(run: Run) -> None:
     if cfg.rollout.launch_server or cfg.teacher.launch_server:
         _launch_servers(run)
         cfg = run.cfg
-    # In-process engines run fp32 on CPU (logprob parity with the trainer); bf16 only where CUDA serves it.
-    engine_dtype = (
-        torch.bfloat16
-        if cfg.model.params_dtype == "bfloat16" and torch.cuda.is_available()
-        else torch.float32
+    # In-process engines share the trainer's CUDA device in the student's dtype; fp32 on CPU (logprob parity).
+    from megatron_opd.rollout.engine import embedded_engine_placement
+
+    cuda = torch.cuda.is_available()
+    engine_device, engine_dtype = embedded_engine_placement(
+        cfg.model.params_dtype, cuda, torch.cuda.current_device() if cuda else 0
     )
     run.engine = build_rollout_engine(
         cfg.rollout,
         hf_path=cfg.model.hf_path,
         dtype=engine_dtype,
+        device=engine_device,
         weight_sync_dir=os.path.join(cfg.checkpoint.save or ".", "weight_sync"),
     )
     run.teacher = build_teacher_scorer(
         cfg.teacher,
         dtype=engine_dtype,
+        device=engine_device,
         max_concurrency=cfg.rollout.max_concurrency,
         request_timeout_s=cfg.rollout.request_timeout_s,
         max_retries=cfg.rollout.max_retries,
@@ -190,7 +194,9 @@ def _build_engines(run: Run) -> None:
     if cfg.eval.eval_teacher and cfg.teacher.backend == "embedded":
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
-        run.teacher_engine = EmbeddedEngine.from_hf_dir(cfg.teacher.hf_path, dtype=engine_dtype)
+        run.teacher_engine = EmbeddedEngine.from_hf_dir(
+            cfg.teacher.hf_path, dtype=engine_dtype, device=engine_device
+        )
     elif cfg.eval.eval_teacher:  # the teacher's servers generate its evaluation rollouts (no weight sync)
         from megatron_opd.rollout.sglang_engine import SGLangEngine
 

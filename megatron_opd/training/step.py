@@ -92,7 +92,7 @@ class _MicroBatch:
     """A micro-batch prepared for the model and the loss (flat indices of its distilled tokens)."""
 
     batch: OPDBatch
-    tokens: torch.Tensor  # [b, L] (L padded to a multiple of TP under sequence parallelism)
+    tokens: torch.Tensor  # [b, L] (L padded to ``seq_padding_multiple``)
     position_ids: torch.Tensor  # [b, L]
     mask: torch.Tensor  # [b, R] distilled tokens
     rows: torch.Tensor  # [N] sequence index of each distilled token
@@ -101,6 +101,23 @@ class _MicroBatch:
     targets: torch.Tensor  # [N] its token id
     topk_ids: torch.Tensor | None  # [N, K]
     teacher_topk: torch.Tensor | None  # [N, K]
+
+
+_FP8_TOKEN_MULTIPLE = 8  # TE's FP8 GEMMs need each rank's token count divisible by 8
+
+
+def seq_padding_multiple(tp_size: int, sequence_parallel: bool, fp8: bool) -> int:
+    """The multiple every micro-batch's sequence length L is padded to.
+
+    Sequence parallelism splits L over the TP ranks, so L must divide by TP; Transformer-Engine's FP8 GEMMs need
+    the tokens of each rank (b * L, or b * L / TP under sequence parallelism) divisible by 8, which holds for any
+    micro-batch size b when each rank's share of L is. Padding goes after the last token: causal attention keeps
+    it out of every real position, and no loss term reads it.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    split = tp_size if sequence_parallel else 1
+    return split * (_FP8_TOKEN_MULTIPLE if fp8 else 1)
 
 
 def _prepare(
@@ -370,16 +387,31 @@ class TrainStep:
                 dist.all_reduce(pos, group=group)
         return acc, pos
 
+    def _seq_multiple(self) -> int:
+        return seq_padding_multiple(
+            mpu.get_tensor_model_parallel_world_size(),
+            bool(self.config.sequence_parallel),
+            bool(getattr(self.config, "fp8", None)),
+        )
+
     def _grads_finite(self) -> bool:
-        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        """Whether every gradient on every rank is finite, with one host sync (not one per parameter)."""
+        grads = []
         for chunk in self.model:
             for p in chunk.parameters():
                 g = getattr(p, "main_grad", None)
-                if g is None:
-                    g = p.grad
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    bad.fill_(1.0)
-                    break
+                grads.append(p.grad if g is None else g)
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in grads:
+            if g is not None and g.numel() > 0:
+                groups.setdefault((g.device, g.dtype), []).append(g)
+        if groups:
+            # L1 norms, one fused launch per device and dtype: a sum propagates NaN and inf (CUDA's max-abs norm
+            # uses fmax, which drops NaN), and a finite sum of |g| reaches fp32's 3.4e38 only for gradients that
+            # are broken anyway (the L2 norm's squares would overflow from |g| ~ 1.8e19).
+            norms = [n.float().to(self.device) for gs in groups.values() for n in torch._foreach_norm(gs, 1)]
+            bad = (~torch.isfinite(torch.stack(norms))).any().float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
@@ -404,7 +436,7 @@ class TrainStep:
         )
         dist.all_reduce(counts, group=mpu.get_data_parallel_group())
         self._global_tokens, self._global_sequences = float(counts[0]), float(counts[1])
-        seq_multiple = mpu.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        seq_multiple = self._seq_multiple()
         micro = [
             _prepare(b, self.device, whole_response=False, seq_multiple=seq_multiple) for b in micro_batches
         ]
@@ -459,7 +491,7 @@ class TrainStep:
 
         Returns one [b, R] float32 tensor per batch (zeros past each response's end), on every rank.
         """
-        seq_multiple = mpu.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        seq_multiple = self._seq_multiple()
         micro = [_prepare(b, self.device, whole_response=True, seq_multiple=seq_multiple) for b in batches]
         self._reset_accumulators(1)
         for chunk in self.model:

@@ -118,3 +118,22 @@ def test_transformer_config_warns_nothing() -> None:
         warnings.simplefilter("error")
         cfg = transformer_config(ModelConfig(), use_te=False)
     assert cfg.cuda_graph_scope == []
+
+
+def test_masked_softmax_fusion_follows_the_kernels(monkeypatch) -> None:
+    """The fused softmax is on only when CUDA is present AND its kernels import (megatron-core's wheel lacks
+    them); without them Megatron would fail at the first attention call."""
+    from megatron_opd.model import builders
+
+    initialize_parallel(ParallelConfig(), seed=0)
+    monkeypatch.setattr(builders.torch.cuda, "is_available", lambda: True)
+    missing = []
+    monkeypatch.setattr(builders, "_importable", lambda name: missing.append(name) or False)
+    assert not builders.masked_softmax_fusion_available()
+    assert missing and missing[0] in builders._SOFTMAX_KERNELS
+    assert builders.transformer_config(ModelConfig(), use_te=False).masked_softmax_fusion is False
+    monkeypatch.setattr(builders, "_importable", lambda name: True)
+    assert builders.masked_softmax_fusion_available()
+    assert builders.transformer_config(ModelConfig(), use_te=False).masked_softmax_fusion is True
+    monkeypatch.setattr(builders.torch.cuda, "is_available", lambda: False)
+    assert not builders.masked_softmax_fusion_available()  # CPU: off even if the kernels were importable

@@ -103,3 +103,25 @@ def test_score_request_checks(tmp_path):
     with pytest.raises(ValueError, match="empty prompt"):
         sc.score([[]], [[3]])
     assert sc.score([[1, 2]], [[]]).logprobs == [[]]
+
+
+def test_embedded_engine_placement(tmp_path):
+    """In-process engines: the trainer's CUDA device in the student's dtype on a GPU machine, CPU fp32 otherwise;
+    the factories build them where they are told."""
+    import torch
+
+    from megatron_opd.rollout.engine import embedded_engine_placement
+
+    assert embedded_engine_placement("bfloat16", cuda=True, cuda_index=3) == (
+        torch.device("cuda", 3),
+        torch.bfloat16,
+    )
+    assert embedded_engine_placement("float16", cuda=True) == (torch.device("cuda", 0), torch.float16)
+    assert embedded_engine_placement("float32", cuda=True) == (torch.device("cuda", 0), torch.float32)
+    assert embedded_engine_placement("bfloat16", cuda=False) == (torch.device("cpu"), torch.float32)
+    path = make_tiny_hf_model(str(tmp_path / "m"), seed=0)
+    dev, dtype = embedded_engine_placement("bfloat16", torch.cuda.is_available())
+    engine = build_rollout_engine(RolloutConfig(), hf_path=path, dtype=dtype, device=dev)
+    scorer = build_teacher_scorer(TeacherConfig(hf_path=path), dtype=dtype, device=dev)
+    for decoder in (engine.decoder, scorer.decoder):
+        assert torch.device(decoder.device).type == dev.type and decoder.dtype == dtype

@@ -229,3 +229,79 @@ def test_activation_recompute_gives_the_same_steps() -> None:
         step = TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(), vocab_size=VOCAB)
         losses.append([step(batch.split(2)).loss for _ in range(2)])
     assert losses[0] == losses[1]  # the same operations in the same order: bit-identical
+
+
+@pytest.mark.parametrize(
+    "tp, sp, fp8, expected",
+    [(1, False, False, 1), (4, False, False, 1), (4, True, False, 4), (1, False, True, 8), (2, False, True, 8),
+     (2, True, True, 16), (8, True, True, 64)],
+)  # fmt: skip
+def test_seq_padding_multiple(tp: int, sp: bool, fp8: bool, expected: int) -> None:
+    from megatron_opd.training.step import seq_padding_multiple
+
+    assert seq_padding_multiple(tp, sp, fp8) == expected
+    # The property TE's FP8 needs: each rank's share of any padded length is a multiple of 8.
+    if fp8:
+        assert (expected // (tp if sp else 1)) % 8 == 0
+    with pytest.raises(ValueError, match="tp_size"):
+        seq_padding_multiple(0, False, False)
+
+
+def test_padding_to_the_fp8_multiple_does_not_change_the_loss(monkeypatch) -> None:
+    from megatron_opd.training import step as step_mod
+
+    batch = _batch(topk=2)
+    cfg = LossConfig(topk_kl_coef=0.2)
+    res = {}
+    orig = step_mod._prepare
+    prepared: list = []
+
+    def recording_prepare(*a, **k):
+        prepared.append(orig(*a, **k))
+        return prepared[-1]
+
+    monkeypatch.setattr(step_mod, "_prepare", recording_prepare)
+    for multiple in (1, 16):
+        monkeypatch.setattr(step_mod, "seq_padding_multiple", lambda tp, sp, fp8, m=multiple: m)
+        chunks, _, step = _setup(loss=cfg, seed=4)
+        prepared.clear()
+        res[multiple] = (step(batch.split(2)), step([_batch(seed=1)]))
+        assert prepared and all(mb.tokens.shape[1] % multiple == 0 for mb in prepared)
+    assert batch.tokens.shape[1] % 16  # the test pads something
+    for a, b in zip(res[1], res[16], strict=True):
+        # Padding lies after every real token (causal attention): only summation order could differ.
+        assert b.loss == pytest.approx(a.loss, rel=1e-5, abs=1e-6)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+
+
+def test_grads_finite_one_sync_and_detects_a_nan(monkeypatch) -> None:
+    chunks, objs, step = _setup()
+    step([_batch()])  # fills the gradient buffers
+    syncs: list[str] = []
+    depth = [0]  # parallel/cpu_compat's torch-function mode re-enters the patched method: count outer calls
+
+    def counting(name, orig):
+        def wrapper(self, *a):
+            if depth[0] == 0:
+                syncs.append(name)
+            depth[0] += 1
+            try:
+                return orig(self, *a)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    for name in ("item", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    assert step._grads_finite()
+    n_params = sum(1 for _ in chunks[0].parameters())
+    assert syncs == ["item"], f"{len(syncs)} host syncs for {n_params} parameters"
+    params = list(chunks[0].parameters())
+    g = getattr(params[len(params) // 2], "main_grad", None)
+    g = params[len(params) // 2].grad if g is None else g
+    g.view(-1)[0] = float("nan")
+    syncs.clear()
+    assert not step._grads_finite() and syncs == ["item"]
+    g.view(-1)[0] = float("inf")
+    assert not step._grads_finite()
