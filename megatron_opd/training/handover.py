@@ -175,17 +175,24 @@ def build_shard(
         raise ValueError("topk_ids and teacher_topk_logprobs go together (both or neither)")
     K = _topk_width(scores.topk_ids, responses) if use_topk else 0
     b = len(rows)
-    tokens = torch.full((b, L), pad_id, dtype=torch.long)
-    teacher_lp = torch.zeros((b, R), dtype=torch.float32)
-    topk_ids = torch.zeros((b, R, K), dtype=torch.long) if use_topk else None
-    topk_lp = torch.zeros((b, R, K), dtype=torch.float32) if use_topk else None
+    # empty, then each row's tail padded: the top-K buffers are most of the bytes, and writing them twice
+    # (zeros, then values) costs as much as the copy itself
+    tokens = torch.empty((b, L), dtype=torch.long)
+    teacher_lp = torch.empty((b, R), dtype=torch.float32)
+    topk_ids = torch.empty((b, R, K), dtype=torch.long) if use_topk else None
+    topk_lp = torch.empty((b, R, K), dtype=torch.float32) if use_topk else None
     for j, (i, (p, n)) in enumerate(zip(rows, lengths.tolist())):
         tokens[j, :p] = _as_vector(prompts[i], p, torch.long)
         tokens[j, p : p + n] = _as_vector(responses[i], n, torch.long)
+        tokens[j, p + n :] = pad_id
         teacher_lp[j, :n] = _as_vector(teacher[i], n, torch.float32)
-        if use_topk and n:
-            topk_ids[j, :n] = _as_rows(scores.topk_ids[i], n, K, torch.long)
-            topk_lp[j, :n] = _as_rows(scores.topk_logprobs[i], n, K, torch.float32)
+        teacher_lp[j, n:] = 0.0
+        if use_topk:
+            if n:
+                topk_ids[j, :n] = _as_rows(scores.topk_ids[i], n, K, torch.long)
+                topk_lp[j, :n] = _as_rows(scores.topk_logprobs[i], n, K, torch.float32)
+            topk_ids[j, n:] = 0
+            topk_lp[j, n:] = 0.0
     return OPDBatch(
         tokens=tokens,
         prompt_lengths=lengths[:, 0].clone(),
