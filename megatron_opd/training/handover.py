@@ -1,30 +1,32 @@
 """Hand-over of rank 0's scored rollouts to the training ranks, as tensors.
 
-Why it exists: rank 0 generates and scores; every rank then needs its data-parallel share as an ``OPDBatch``.
-Pickling nested Python lists to every rank (about 126M numbers a step at the paper's shape) and padding them on
-each rank costs tens of seconds; the waiting ranks would also sit inside a collective whose timeout a long
-rollout phase can exceed. Here rank 0 pads each data-parallel share once, straight into tensors, and only
-tensors cross a process boundary, each going only where it is needed:
+Why it exists: rank 0 generates and scores; every rank then needs its data-parallel share, cut into
+micro-batches. Pickling nested Python lists to every rank (about 126M numbers a step at the paper's shape) and
+padding them on each rank costs minutes a step on a CPU; the waiting ranks would also sit inside a collective
+whose timeout a long rollout phase can exceed. Here rank 0 builds each rank's micro-batches once, straight
+into tensors, and only tensors cross a process boundary, each going only where it is needed:
 
 1. every rank waits on the default store (not in a collective) until rank 0 has built the tensors;
 2. rank 0 broadcasts a small int64 header (batch size, top-K width) and the [B, 2] prompt/response lengths,
-   from which every rank derives every shard's padded shape; the rollout statistics follow as a tiny object;
-3. rank 0 sends data-parallel rank d its contiguous share (d's leader: TP = PP = CP rank 0), point to point
-   inside rank 0's data-parallel group: a scatter with per-rank shapes;
-4. each leader broadcasts its share down its pipeline group, then each pipeline stage's first TP x CP rank
-   broadcasts it inside its TP x CP group.
+   from which every rank derives every micro-batch's padded shape; the rollout statistics follow as a tiny
+   object (with rank 0's error message, if building failed, so that every rank raises instead of waiting);
+3. rank 0 sends data-parallel rank d its contiguous share (to d's leader: TP = PP = CP rank 0), point to point
+   inside rank 0's data-parallel group: a scatter with per-rank shapes. A share travels as one flat buffer per
+   field (tokens, teacher logprobs, top-K ids, top-K logprobs) holding its micro-batches back to back, each
+   padded only to its own real length; the micro-batches are views into those buffers;
+4. each leader broadcasts the share down its pipeline group, then each stage's TP = CP rank 0 broadcasts it
+   inside its TP x CP group.
 
-The result on every rank is bit-identical to ``OPDBatch.from_lists(...).shard(dp_rank, dp_size)`` of the same
-rollouts (tests/distributed/test_handover.py checks it at DP=2, TP=2 and PP=2).
+The result on every rank is bit-identical to the old path, ``OPDBatch.from_lists(...).shard(dp_rank,
+dp_size).split(...)`` (tests/distributed/test_handover_ranks.py checks it at DP=4, DP=2 x TP=2, DP=2 x PP=2
+and TP=2 x PP=2, with and without top-K).
 
 Waiting: a rank polls a counter in the default store (``torch.distributed``'s rendezvous store) with a short,
 growing sleep and logs a heartbeat every ``heartbeat_s``; no collective is entered until rank 0 has posted, so
 ``parallel.distributed_timeout_minutes`` bounds only the transfer, never the rollout phase. A rank 0 that dies
 makes the store unreachable (or torchrun stops the job), so a waiter does not wait forever on a dead controller.
-
-Why the counter is per rank and lives in the store: hand-over n is ready when rank 0's ``posted`` counter
-reaches n; each waiter learns its own n by incrementing its ``taken/<rank>`` counter, so no process-local
-state has to agree across ranks, and re-created Megatron layouts on the same process group keep counting.
+Hand-over n is ready when rank 0's ``posted`` counter reaches n; each waiter learns its own n by incrementing
+its ``taken/<rank>`` counter, so no process-local state has to agree across ranks.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from megatron_opd.rollout.types import RolloutResult
 from megatron_opd.teacher.scorer import TeacherScores
 from megatron_opd.training.batch import OPDBatch
 
-__all__ = ["HandoverGroups", "build_shard", "hand_over", "wait_for_controller"]
+__all__ = ["HandoverGroups", "build_micro_batches", "hand_over", "wait_for_controller"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,75 +135,120 @@ def _as_vector(x: Any, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.fromiter(itertools.islice(x, n), dtype=np_dtype, count=n))
 
 
-def _shard_shape(lengths: torch.Tensor, rows: range) -> tuple[int, int]:
-    """(L, R) of a shard padded to its own real length, exactly as ``OPDBatch.select`` trims it."""
-    if not len(rows):
-        return 1, 1
-    P, R = lengths[rows.start : rows.stop, 0], lengths[rows.start : rows.stop, 1]
-    return max(int((P + R).max()), 1), max(int(R.max()), 1)
+def _lengths(rollouts: RolloutResult) -> torch.Tensor:
+    """[B, 2] int64: (prompt length, response length) of every sequence."""
+    return torch.tensor(
+        [[len(p), len(r)] for p, r in zip(rollouts.prompt_ids, rollouts.response_ids)], dtype=torch.long
+    ).reshape(-1, 2)
 
 
-def _topk_width(rollouts_topk: Sequence, responses: Sequence[Sequence[int]]) -> int:
+def _topk_width(topk_ids: Sequence, responses: Sequence[Sequence[int]]) -> int:
     """K as ``OPDBatch.from_lists`` reads it: from the first sequence with a response, else 1."""
-    for x, r in zip(rollouts_topk, responses):
+    for x, r in zip(topk_ids, responses):
         if len(r):
             return int(torch.as_tensor(x[0]).numel()) if len(x) else 1
     return 1
 
 
-def build_shard(
+def _plan(lengths: torch.Tensor, rows: range, micro_batch_size: int) -> list[tuple[range, int, int]]:
+    """(rows, L, R) of each micro-batch of ``rows``, padded to its own real length as ``OPDBatch.split`` of
+    ``OPDBatch.shard`` makes them (``len(rows) // micro_batch_size`` equal pieces)."""
+    n = len(rows) // micro_batch_size
+    if n < 1 or len(rows) % n:
+        raise ValueError(f"cannot split a batch of {len(rows)} sequences into {n} equal micro-batches")
+    m = len(rows) // n
+    out = []
+    for s in range(rows.start, rows.stop, m):
+        P, R = lengths[s : s + m, 0], lengths[s : s + m, 1]
+        out.append((range(s, s + m), max(int((P + R).max()), 1), max(int(R.max()), 1)))
+    return out
+
+
+def _allocate(
+    plan: list[tuple[range, int, int]], lengths: torch.Tensor, K: int, window: HorizonWindow
+) -> tuple[list[torch.Tensor], list[OPDBatch]]:
+    """One flat buffer per field for a whole share (so it travels in one message per field), and the
+    micro-batches as views into them: tokens [b, L] int64, teacher logprobs [b, R] fp32, top-K [b, R, K]."""
+    n_tok = sum(len(rows) * L for rows, L, _ in plan)
+    n_resp = sum(len(rows) * R for rows, _, R in plan)
+    flats = [torch.empty(n_tok, dtype=torch.long), torch.empty(n_resp, dtype=torch.float32)]
+    if K:
+        flats += [torch.empty(n_resp * K, dtype=torch.long), torch.empty(n_resp * K, dtype=torch.float32)]
+    batches, o_tok, o_resp = [], 0, 0
+    for rows, L, R in plan:
+        b = len(rows)
+        batches.append(
+            OPDBatch(
+                tokens=flats[0][o_tok : o_tok + b * L].view(b, L),
+                prompt_lengths=lengths[rows.start : rows.stop, 0].clone(),
+                response_lengths=lengths[rows.start : rows.stop, 1].clone(),
+                teacher_logprobs=flats[1][o_resp : o_resp + b * R].view(b, R),
+                window=window,
+                topk_ids=flats[2][o_resp * K : (o_resp + b * R) * K].view(b, R, K) if K else None,
+                teacher_topk_logprobs=flats[3][o_resp * K : (o_resp + b * R) * K].view(b, R, K)
+                if K
+                else None,
+            )
+        )
+        o_tok, o_resp = o_tok + b * L, o_resp + b * R
+    return flats, batches
+
+
+def _fill(batch: OPDBatch, rollouts: RolloutResult, scores: TeacherScores, rows: range, pad_id: int) -> None:
+    """Write sequences ``rows`` into a micro-batch's buffers, padding included (each byte written once: the
+    top-K buffers are most of the bytes, and zeroing them first would cost as much as the copy)."""
+    K = 0 if batch.topk_ids is None else batch.topk_ids.shape[-1]
+    for j, (i, p, n) in enumerate(zip(rows, batch.prompt_lengths.tolist(), batch.response_lengths.tolist())):
+        batch.tokens[j, :p] = _as_vector(rollouts.prompt_ids[i], p, torch.long)
+        batch.tokens[j, p : p + n] = _as_vector(rollouts.response_ids[i], n, torch.long)
+        batch.tokens[j, p + n :] = pad_id
+        batch.teacher_logprobs[j, :n] = _as_vector(scores.logprobs[i], n, torch.float32)
+        batch.teacher_logprobs[j, n:] = 0.0
+        if K:
+            if n:
+                batch.topk_ids[j, :n] = _as_rows(scores.topk_ids[i], n, K, torch.long)
+                batch.teacher_topk_logprobs[j, :n] = _as_rows(scores.topk_logprobs[i], n, K, torch.float32)
+            batch.topk_ids[j, n:] = 0
+            batch.teacher_topk_logprobs[j, n:] = 0.0
+
+
+def _check_scored(rollouts: RolloutResult, scores: TeacherScores) -> int:
+    """Validate what rank 0 hands over (the checks of ``OPDBatch.from_lists``); returns K (0 without top-K)."""
+    prompts, responses, teacher = rollouts.prompt_ids, rollouts.response_ids, scores.logprobs
+    if not len(prompts) == len(responses) == len(teacher):
+        raise ValueError("prompts, responses and teacher_logprobs must have one entry per rollout")
+    for b, (r, t) in enumerate(zip(responses, teacher)):
+        if len(t) < len(r):
+            raise ValueError(f"rollout {b}: {len(t)} teacher logprobs for {len(r)} response tokens")
+    if (scores.topk_ids is None) != (scores.topk_logprobs is None):
+        raise ValueError("topk_ids and teacher_topk_logprobs go together (both or neither)")
+    return 0 if scores.topk_ids is None else _topk_width(scores.topk_ids, responses)
+
+
+def build_micro_batches(
     rollouts: RolloutResult,
     scores: TeacherScores,
     window: HorizonWindow,
     rows: range,
+    micro_batch_size: int,
     pad_id: int = 0,
-) -> OPDBatch:
-    """Sequences ``rows`` of scored rollouts as one padded ``OPDBatch`` (rank 0 calls it once per data-parallel
-    share). Equal to ``OPDBatch.from_lists(...)`` of all rollouts followed by ``select(rows)``.
+) -> list[OPDBatch]:
+    """Sequences ``rows`` of scored rollouts as padded micro-batches, built straight from the engines' output.
 
-    Shapes: tokens [b, L] int64, lengths [b], teacher_logprobs [b, R] float32, top-K [b, R, K] (module doc).
-    Per-sequence inputs may be lists (converted with numpy, no per-token Python loop) or tensors.
+    Equal to ``OPDBatch.from_lists(<all rollouts>).select(rows)`` split into ``len(rows) // micro_batch_size``
+    pieces. Shapes per micro-batch: tokens [b, L] int64, lengths [b], teacher_logprobs [b, R] float32, top-K
+    [b, R, K]. Per-sequence inputs may be lists (converted by numpy, no per-token Python loop) or tensors.
     """
-    prompts, responses, teacher = rollouts.prompt_ids, rollouts.response_ids, scores.logprobs
-    if not len(prompts) == len(responses) == len(teacher):
-        raise ValueError("prompts, responses and teacher_logprobs must have one entry per rollout")
-    lengths = torch.tensor([[len(prompts[i]), len(responses[i])] for i in rows], dtype=torch.long)
-    for i, (_, n) in zip(rows, lengths.tolist()):
-        if len(teacher[i]) < n:
-            raise ValueError(f"rollout {i}: {len(teacher[i])} teacher logprobs for {n} response tokens")
-    L, R = _shard_shape(lengths, range(len(rows)))
-    use_topk = scores.topk_ids is not None
-    if use_topk != (scores.topk_logprobs is not None):
-        raise ValueError("topk_ids and teacher_topk_logprobs go together (both or neither)")
-    K = _topk_width(scores.topk_ids, responses) if use_topk else 0
-    b = len(rows)
-    # empty, then each row's tail padded: the top-K buffers are most of the bytes, and writing them twice
-    # (zeros, then values) costs as much as the copy itself
-    tokens = torch.empty((b, L), dtype=torch.long)
-    teacher_lp = torch.empty((b, R), dtype=torch.float32)
-    topk_ids = torch.empty((b, R, K), dtype=torch.long) if use_topk else None
-    topk_lp = torch.empty((b, R, K), dtype=torch.float32) if use_topk else None
-    for j, (i, (p, n)) in enumerate(zip(rows, lengths.tolist())):
-        tokens[j, :p] = _as_vector(prompts[i], p, torch.long)
-        tokens[j, p : p + n] = _as_vector(responses[i], n, torch.long)
-        tokens[j, p + n :] = pad_id
-        teacher_lp[j, :n] = _as_vector(teacher[i], n, torch.float32)
-        teacher_lp[j, n:] = 0.0
-        if use_topk:
-            if n:
-                topk_ids[j, :n] = _as_rows(scores.topk_ids[i], n, K, torch.long)
-                topk_lp[j, :n] = _as_rows(scores.topk_logprobs[i], n, K, torch.float32)
-            topk_ids[j, n:] = 0
-            topk_lp[j, n:] = 0.0
-    return OPDBatch(
-        tokens=tokens,
-        prompt_lengths=lengths[:, 0].clone(),
-        response_lengths=lengths[:, 1].clone(),
-        teacher_logprobs=teacher_lp,
-        window=window,
-        topk_ids=topk_ids,
-        teacher_topk_logprobs=topk_lp,
-    )
+    K = _check_scored(rollouts, scores)
+    lengths = _lengths(rollouts)
+    return _build(rollouts, scores, window, _plan(lengths, rows, micro_batch_size), lengths, K, pad_id)[1]
+
+
+def _build(rollouts, scores, window, plan, lengths, K, pad_id) -> tuple[list[torch.Tensor], list[OPDBatch]]:
+    flats, batches = _allocate(plan, lengths, K, window)
+    for (rows, _, _), batch in zip(plan, batches):
+        _fill(batch, rollouts, scores, rows, pad_id)
+    return flats, batches
 
 
 def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0) -> int:
@@ -227,34 +274,12 @@ def _post(store: dist.Store) -> None:
     store.add(f"{_KEY}/posted", 1)
 
 
-def _tensors(batch: OPDBatch) -> list[torch.Tensor]:
-    out = [batch.tokens, batch.teacher_logprobs]
-    if batch.topk_ids is not None:
-        out += [batch.topk_ids, batch.teacher_topk_logprobs]
-    return out
-
-
-def _empty_shard(lengths: torch.Tensor, rows: range, K: int, window: HorizonWindow) -> OPDBatch:
-    """Receive buffers shaped like the shard ``rows`` (contents arrive by send or broadcast)."""
-    L, R = _shard_shape(lengths, rows)
-    b = len(rows)
-    mine = lengths[rows.start : rows.stop]
-    return OPDBatch(
-        tokens=torch.empty((b, L), dtype=torch.long),
-        prompt_lengths=mine[:, 0].clone(),
-        response_lengths=mine[:, 1].clone(),
-        teacher_logprobs=torch.empty((b, R), dtype=torch.float32),
-        window=window,
-        topk_ids=torch.empty((b, R, K), dtype=torch.long) if K else None,
-        teacher_topk_logprobs=torch.empty((b, R, K), dtype=torch.float32) if K else None,
-    )
-
-
-def _broadcast(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, src_group_rank: int = 0) -> None:
+def _broadcast(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Broadcast from group rank 0, in place."""
     device = _comm_device(group)
     for t in tensors:
         moved = t.to(device)
-        dist.broadcast(moved, group=group, group_src=src_group_rank)
+        dist.broadcast(moved, group=group, group_src=0)
         if moved.data_ptr() != t.data_ptr():
             t.copy_(moved)
 
@@ -265,77 +290,87 @@ def hand_over(
     window: HorizonWindow,
     groups: HandoverGroups,
     *,
+    micro_batch_size: int,
     pad_id: int = 0,
     extra: dict[str, float] | None = None,
     heartbeat_s: float = 60.0,
-) -> tuple[OPDBatch, dict[str, float] | None]:
-    """Every rank's data-parallel share of rank 0's scored rollouts, and rank 0's ``extra`` (small scalars).
+) -> tuple[list[OPDBatch], dict[str, float] | None]:
+    """This rank's micro-batches of rank 0's scored rollouts, and rank 0's ``extra`` (small scalars).
 
     Rank 0 passes ``rollouts``, ``scores`` and ``extra``; every other rank passes None and waits on the store
-    (module doc). All ranks must call it, with the same ``window`` and ``pad_id``. Returns this rank's
-    ``OPDBatch`` (bit-identical to ``OPDBatch.from_lists(...).shard(dp_rank, dp_size)``) and ``extra``.
+    (module doc). All ranks call it with the same ``window``, ``micro_batch_size`` and ``pad_id``. Returns
+    what the old path returned, bit for bit: ``OPDBatch.from_lists(...).shard(dp_rank, dp_size)`` split into
+    ``shard.size // micro_batch_size`` micro-batches (each padded to its own real length), and ``extra``.
     """
     world = dist.get_world_size(groups.world) if dist.is_initialized() else 1
     rank = dist.get_rank(groups.world) if dist.is_initialized() else 0
     if rank == 0 and (rollouts is None or scores is None):
         raise ValueError("hand-over: rank 0 must pass the rollouts and the teacher scores")
     if world == 1:
-        return build_shard(rollouts, scores, window, range(len(rollouts)), pad_id), extra
+        return build_micro_batches(
+            rollouts, scores, window, range(len(rollouts)), micro_batch_size, pad_id
+        ), extra
 
     store = dist.distributed_c10d._get_default_store()
-    shares: list[OPDBatch] = []
+    failure: Exception | None = None
     if rank == 0:
-        B = len(rollouts)
-        if B % groups.dp_size:
-            _post(store)  # let the waiters through so that every rank fails on the header, not on a timeout
-        else:
-            m = B // groups.dp_size
-            shares = [
-                build_shard(rollouts, scores, window, range(d * m, (d + 1) * m), pad_id)
-                for d in range(groups.dp_size)
-            ]
-            _post(store)
-        lengths = torch.tensor([[len(p), len(r)] for p, r in zip(rollouts.prompt_ids, rollouts.response_ids)])
-        K = shares[0].topk_ids.shape[-1] if shares and shares[0].topk_ids is not None else 0
-        header = torch.tensor([B, K], dtype=torch.long)
+        try:
+            K = _check_scored(rollouts, scores)
+            lengths = _lengths(rollouts)
+            plans = _plans(lengths, groups.dp_size, micro_batch_size)
+            shares = [_build(rollouts, scores, window, plan, lengths, K, pad_id) for plan in plans]
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the waiting ranks
+            failure, K = e, 0
+        _post(store)
+        header = torch.tensor([-1 if failure else len(rollouts), K], dtype=torch.long)
     else:
         wait_for_controller(store, rank, heartbeat_s=heartbeat_s)
         header = torch.empty(2, dtype=torch.long)
 
-    # shapes first: every rank learns every share's padded shape from the lengths
+    # shapes first: every rank derives every micro-batch's padded shape from the [B, 2] lengths
     _broadcast([header], groups.world)
     B, K = header.tolist()
+    box = [(extra, None if failure is None else f"{type(failure).__name__}: {failure}")]
+    dist.broadcast_object_list(box, group=groups.world, group_src=0)
+    extra, message = box[0]
+    if message is not None:  # every rank stops here together instead of waiting for tensors that never come
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"hand-over: rank 0 could not build the batch: {message}")
     if rank != 0:
         lengths = torch.empty((B, 2), dtype=torch.long)
     _broadcast([lengths], groups.world)
-    box = [extra]
-    dist.broadcast_object_list(box, group=groups.world, group_src=0)
-    if B % groups.dp_size:
-        raise ValueError(f"a batch of {B} sequences does not split over {groups.dp_size} data-parallel ranks")
-    m = B // groups.dp_size
-    mine = range(groups.dp_rank * m, (groups.dp_rank + 1) * m)
+    if rank != 0:
+        plans = _plans(lengths, groups.dp_size, micro_batch_size)
+    flats, batches = shares[0] if rank == 0 else _allocate(plans[groups.dp_rank], lengths, K, window)
 
-    if rank == 0:
-        local = shares[0]
-    else:
-        local = _empty_shard(lengths, mine, K, window)
-    if groups.dp is not None:
+    if groups.dp is not None:  # rank 0 and the other data-parallel ranks' leaders
         device = _comm_device(groups.dp)
         if rank == 0:
-            pending = []
-            for d in range(1, groups.dp_size):
-                for t in _tensors(shares[d]):
-                    pending.append(dist.isend(t.to(device), group=groups.dp, group_dst=d))
+            pending = [
+                dist.isend(t.to(device), group=groups.dp, group_dst=d)
+                for d in range(1, groups.dp_size)
+                for t in shares[d][0]
+            ]
             for work in pending:
                 work.wait()
         else:
-            for t in _tensors(local):
+            for t in flats:
                 moved = t.to(device)
                 dist.recv(moved, group=groups.dp, group_src=0)
                 if moved.data_ptr() != t.data_ptr():
                     t.copy_(moved)
     if groups.pp is not None:
-        _broadcast(_tensors(local), groups.pp)
+        _broadcast(flats, groups.pp)
     if groups.tp_cp is not None:
-        _broadcast(_tensors(local), groups.tp_cp)
-    return local, box[0]
+        _broadcast(flats, groups.tp_cp)
+    return batches, extra
+
+
+def _plans(lengths: torch.Tensor, dp_size: int, micro_batch_size: int) -> list[list[tuple[range, int, int]]]:
+    """Every data-parallel rank's micro-batch plan (its contiguous share, as ``OPDBatch.shard``)."""
+    B = lengths.shape[0]
+    if B % dp_size:
+        raise ValueError(f"a batch of {B} sequences does not split over {dp_size} data-parallel ranks")
+    m = B // dp_size
+    return [_plan(lengths, range(d * m, (d + 1) * m), micro_batch_size) for d in range(dp_size)]

@@ -329,15 +329,15 @@ def make_micro_batches(
     run: Run, rollouts: RolloutResult | None, scores: TeacherScores | None, window: HorizonWindow
 ) -> tuple[list[OPDBatch], dict[str, float]]:
     """Hand rank 0's scored rollouts over as tensors; return this rank's micro-batches and rollout statistics."""
-    local, stats = hand_over(
+    return hand_over(
         rollouts,
         scores,
         window,
         HandoverGroups.from_mpu(),
+        micro_batch_size=run.cfg.train.micro_batch_size,
         pad_id=run.tokenizer.pad_token_id or 0,
         extra=rollout_stats(rollouts, window) if run.is_controller else None,
     )
-    return local.split(local.size // run.cfg.train.micro_batch_size), stats
 
 
 def rollout_stats(rollouts: RolloutResult, window: HorizonWindow) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Tensor hand-over (training/handover.py) on gloo ranks.
 
 - At DP=4, DP=2 x TP=2, DP=2 x PP=2 and TP=2 x PP=2 (4 processes, one launch), with and without top-K, from
-  list and from tensor inputs: every rank's batch and micro-batches are bit-identical (torch.equal, same dtype
-  and shape) to the old path, ``OPDBatch.from_lists(...).shard(dp_rank, dp_size)``, and every rank gets rank 0's
-  rollout statistics. A batch that does not split over the data-parallel ranks fails on every rank.
+  list and from tensor inputs, 1 and 2 sequences per micro-batch: every rank's micro-batches are bit-identical
+  (torch.equal, same dtype and shape) to the old path, ``OPDBatch.from_lists(...).shard(dp_rank,
+  dp_size).split(...)``, and every rank gets rank 0's rollout statistics. A batch that does not split over the
+  data-parallel ranks fails on every rank (rank 0 with the error, the others with its message), none hangs.
 - A rank that waits for rank 0 longer than the collective timeout (2 s here) does not fail: a plain collective
   with that timeout does fail in the same situation (the control), the hand-over succeeds and logs heartbeats.
 """
@@ -75,6 +76,8 @@ def _same(a, b) -> bool:
 
 
 def _layouts_worker(rank: int, world: int) -> dict:
+    import itertools
+
     import torch.distributed as dist
 
     from megatron_opd.algorithms.horizon import HorizonWindow
@@ -90,36 +93,36 @@ def _layouts_worker(rank: int, world: int) -> dict:
             ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=0
         )
         groups = HandoverGroups.from_mpu()
-        for topk in (False, True):
-            for as_tensors in (False, True):
-                rollouts, scores = _scored_rollouts(8, topk, as_tensors, seed=tp * 10 + pp)
-                old = OPDBatch.from_lists(
-                    rollouts.prompt_ids,
-                    rollouts.response_ids,
-                    scores.logprobs,
-                    window,
-                    topk_ids=scores.topk_ids,
-                    teacher_topk_logprobs=scores.topk_logprobs,
-                    pad_id=99,
-                ).shard(info.dp_rank, info.dp_size)
-                stats = {"rollout/x": 1.5 + tp + pp} if rank == 0 else None
-                new, got = hand_over(
-                    rollouts if rank == 0 else None,
-                    scores if rank == 0 else None,
-                    window,
-                    groups,
-                    pad_id=99,
-                    extra=stats,
-                )
-                n_micro = new.size // 2
-                out[(tp, pp, topk, as_tensors)] = {
-                    "same": _same(new, old),
-                    "same_micro": all(_same(a, b) for a, b in zip(new.split(n_micro), old.split(n_micro))),
-                    "size": new.size,
-                    "dp": info.dp_size,
-                    "stats": got,
-                    "has_topk": new.topk_ids is not None,
-                }
+        for topk, as_tensors, micro in itertools.product((False, True), (False, True), (1, 2)):
+            rollouts, scores = _scored_rollouts(8, topk, as_tensors, seed=tp * 10 + pp)
+            shard = OPDBatch.from_lists(
+                rollouts.prompt_ids,
+                rollouts.response_ids,
+                scores.logprobs,
+                window,
+                topk_ids=scores.topk_ids,
+                teacher_topk_logprobs=scores.topk_logprobs,
+                pad_id=99,
+            ).shard(info.dp_rank, info.dp_size)
+            old = shard.split(shard.size // micro)
+            stats = {"rollout/x": 1.5 + tp + pp} if rank == 0 else None
+            new, got = hand_over(
+                rollouts if rank == 0 else None,
+                scores if rank == 0 else None,
+                window,
+                groups,
+                micro_batch_size=micro,
+                pad_id=99,
+                extra=stats,
+            )
+            out[(tp, pp, topk, as_tensors, micro)] = {
+                "same": len(new) == len(old) and all(_same(a, b) for a, b in zip(new, old)),
+                "n_micro": len(new),
+                "size": sum(b.size for b in new),
+                "dp": info.dp_size,
+                "stats": got,
+                "has_topk": all(b.topk_ids is not None for b in new),
+            }
     # a batch of 6 does not split over DP=4: every rank must fail with the same message, none hang
     initialize_parallel(ParallelConfig(), seed=0)
     rollouts, scores = _scored_rollouts(6, False, False)
@@ -129,9 +132,10 @@ def _layouts_worker(rank: int, world: int) -> dict:
             scores if rank == 0 else None,
             window,
             HandoverGroups.from_mpu(),
+            micro_batch_size=1,
         )
         out["indivisible"] = "no error"
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         out["indivisible"] = str(e)
     dist.barrier()
     return out
@@ -145,14 +149,15 @@ def layout_results():
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 @pytest.mark.parametrize("topk", [False, True])
 @pytest.mark.parametrize("as_tensors", [False, True])
-def test_every_rank_gets_the_old_paths_batch(layout_results, tp, pp, topk, as_tensors) -> None:
+@pytest.mark.parametrize("micro", [1, 2])
+def test_every_rank_gets_the_old_paths_micro_batches(layout_results, tp, pp, topk, as_tensors, micro) -> None:
     for rank, res in enumerate(layout_results):
-        r = res[(tp, pp, topk, as_tensors)]
+        r = res[(tp, pp, topk, as_tensors, micro)]
         assert r["dp"] == 4 // (tp * pp)
         assert r["size"] == 8 // r["dp"]
+        assert r["n_micro"] == r["size"] // micro
         assert r["has_topk"] == topk
-        assert r["same"], f"rank {rank}: batch differs from from_lists + shard"
-        assert r["same_micro"], f"rank {rank}: micro-batches differ"
+        assert r["same"], f"rank {rank}: micro-batches differ from from_lists + shard + split"
         assert r["stats"] == {"rollout/x": 1.5 + tp + pp}
 
 
@@ -210,6 +215,7 @@ def _late_controller_worker(rank: int, world: int) -> dict:
         scores if rank == 0 else None,
         window,
         groups,
+        micro_batch_size=2,
         extra={"s": 1.0} if rank == 0 else None,
         heartbeat_s=1.0,
     )
@@ -222,7 +228,11 @@ def _late_controller_worker(rank: int, world: int) -> dict:
         topk_ids=scores.topk_ids,
         teacher_topk_logprobs=scores.topk_logprobs,
     ).shard(rank, world)
-    out.update(same=_same(new, old), stats=stats, heartbeats=sum("waiting" in m for m in records))
+    out.update(
+        same=len(new) == 1 and _same(new[0], old),
+        stats=stats,
+        heartbeats=sum("waiting" in m for m in records),
+    )
     dist.barrier(group=group)
     return out
 
