@@ -64,7 +64,8 @@ class HandoverGroups:
     those ranks only; else None (and None when there is one data-parallel rank). Its group rank 0 is rank 0.
     ``pp``: this rank's pipeline group, on ranks with TP = CP rank 0 when there are several stages; else None.
     Its group rank 0 is the first stage. ``tp_cp``: this rank's tensor x context-parallel group when it has
-    several ranks; else None. Its group rank 0 is TP = CP rank 0. ``world``: the group every rank is in.
+    several ranks; else None. Its group rank 0 is TP = CP rank 0. ``world``: the group every rank is in (None:
+    the default group); the header, lengths and statistics are broadcast over it.
     """
 
     dp_rank: int
