@@ -44,6 +44,7 @@ from megatron_opd.teacher.scorer import TeacherScorer, TeacherScores
 from megatron_opd.teacher.vocab import check_teacher_student_vocab
 from megatron_opd.training import checkpoint as ckpt
 from megatron_opd.training.batch import OPDBatch
+from megatron_opd.training.handover import HandoverGroups, hand_over
 from megatron_opd.training.logger import RunLogger
 from megatron_opd.training.optimizer import TrainingObjects, setup_training
 from megatron_opd.training.step import StepResult, TrainStep
@@ -349,32 +350,16 @@ def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | 
 def make_micro_batches(
     run: Run, rollouts: RolloutResult | None, scores: TeacherScores | None, window: HorizonWindow
 ) -> tuple[list[OPDBatch], dict[str, float]]:
-    """Broadcast rank 0's scored rollouts; return this rank's micro-batches and rollout statistics."""
-    payload: list[Any] = [None]
-    if run.is_controller:
-        use_topk = scores.topk_ids is not None
-        payload[0] = {
-            "prompts": rollouts.prompt_ids,
-            "responses": rollouts.response_ids,
-            "teacher": scores.logprobs,
-            "topk_ids": scores.topk_ids if use_topk else None,
-            "topk_lp": scores.topk_logprobs if use_topk else None,
-            "stats": rollout_stats(rollouts, window),
-        }
-    if run.info.world_size > 1:
-        dist.broadcast_object_list(payload, src=0)
-    p = payload[0]
-    batch = OPDBatch.from_lists(
-        p["prompts"],
-        p["responses"],
-        p["teacher"],
+    """Hand rank 0's scored rollouts over as tensors; return this rank's micro-batches and rollout statistics."""
+    return hand_over(
+        rollouts,
+        scores,
         window,
-        topk_ids=p["topk_ids"],
-        teacher_topk_logprobs=p["topk_lp"],
+        HandoverGroups.from_mpu(),
+        micro_batch_size=run.cfg.train.micro_batch_size,
         pad_id=run.tokenizer.pad_token_id or 0,
+        extra=rollout_stats(rollouts, window) if run.is_controller else None,
     )
-    local = batch.shard(run.info.dp_rank, run.info.dp_size)
-    return local.split(local.size // run.cfg.train.micro_batch_size), p["stats"]
 
 
 def rollout_stats(rollouts: RolloutResult, window: HorizonWindow) -> dict[str, float]:
