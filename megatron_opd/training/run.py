@@ -5,8 +5,8 @@ everything it needs is built and wired here once: the parallel layout, the Megat
 the rollout engine and the teacher, the data sampler, the horizon schedule, logging and checkpoints.
 
 Placement. Rank 0 is the controller: it drives the rollout engine and the teacher (in-process, or clients of
-SGLang servers), then broadcasts the scored rollouts; every rank takes its data-parallel share, cut into
-micro-batches, for Megatron's schedule. After each optimizer step the student's weights are gathered in their
+SGLang servers), then hands the scored rollouts over as tensors (``training/handover.py``): each data-parallel
+rank receives only its share, already cut into micro-batches for Megatron's schedule. After each optimizer step the student's weights are gathered in their
 HF names (TP shards joined, pipeline stages sent to rank 0) and loaded into the rollout engine, so the next
 rollouts are on-policy. Everything random is seeded from (train.seed, step), so a resumed run repeats an
 uninterrupted one.
