@@ -14,6 +14,7 @@ import sys
 
 from megatron_opd.config import parse_config
 from megatron_opd.eval.checkpoint_eval import evaluate_checkpoint
+from megatron_opd.utils.errors import expected_errors_exit
 
 
 def main(argv=None) -> None:
@@ -51,4 +52,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with expected_errors_exit():  # bad input, missing or corrupt files: one line, exit code 2
+        sys.exit(main())

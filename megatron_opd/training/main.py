@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from megatron_opd.config import ConfigError, parse_config
+from megatron_opd.config import parse_config
 from megatron_opd.training import run as R
+from megatron_opd.utils.errors import expected_errors_exit
 
 
 def train(argv: list[str] | None = None) -> dict[str, Any]:
@@ -95,11 +96,9 @@ def _print_summary(run: R.Run, before: dict[str, float], after: dict[str, float]
 
 
 def main() -> None:
-    try:
+    # Expected failures (config, data, servers, checkpoints, vocabulary, conversion): one line on rank 0, exit 2.
+    with expected_errors_exit():
         train(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
