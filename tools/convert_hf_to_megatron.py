@@ -14,6 +14,9 @@ import logging
 
 from megatron_opd.model.hf_conversion import hf_to_megatron
 from megatron_opd.utils.errors import expected_errors_exit
+from megatron_opd.utils.lifeline import bind_child_processes
+
+bind_child_processes(__name__)  # its spawned helpers (checkpoint writers) die with it
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,9 @@ import sys
 from megatron_opd.config import parse_config
 from megatron_opd.eval.checkpoint_eval import evaluate_checkpoint
 from megatron_opd.utils.errors import expected_errors_exit
+from megatron_opd.utils.lifeline import bind_child_processes
+
+bind_child_processes(__name__)  # its spawned helpers (checkpoint writers) die with it
 
 
 def main(argv=None) -> None:

@@ -14,6 +14,11 @@ from typing import Any
 from megatron_opd.config import parse_config
 from megatron_opd.training import run as R
 from megatron_opd.utils.errors import expected_errors_exit
+from megatron_opd.utils.lifeline import bind_child_processes
+
+# The processes the trainer forks (Megatron's file writers) or spawns (their queue's Manager, which imports this
+# module as __mp_main__) die with it: a SIGKILLed trainer leaves none behind (utils/lifeline.py).
+bind_child_processes(__name__)
 
 
 def train(argv: list[str] | None = None) -> dict[str, Any]:
