@@ -132,7 +132,9 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 
 def loopback_only_env(env: dict[str, str] | os._Environ) -> list[str]:
     """Point gloo and NCCL at the loopback interface (unless the user chose one): a one-node run needs no other.
-    Returns the variables it set."""
+    Returns the variables it set. Linux only (the interface is named ``lo`` there)."""
+    if not sys.platform.startswith("linux"):
+        return []
     added = [key for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if key not in env]
     for key in added:
         env[key] = "lo"
