@@ -47,7 +47,9 @@ PY
   echo "== CPU main job: distilling (POPD) =="
 fi
 
-exec "$PYTHON" -m torch.distributed.run \
-  --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+# torchrun with its rendezvous store bound to one address (torch's own static rendezvous listens on every
+# interface): loopback when NNODES=1, MASTER_ADDR otherwise; see megatron_opd/parallel/launch.py.
+exec "$PYTHON" -m megatron_opd.parallel.launch \
+  --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
+  --rdzv-backend opd-static --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-conf "rank=$NODE_RANK" \
   -m megatron_opd.training.main "${ARGS[@]}"

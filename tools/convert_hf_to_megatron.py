@@ -13,6 +13,10 @@ import argparse
 import logging
 
 from megatron_opd.model.hf_conversion import hf_to_megatron
+from megatron_opd.utils.errors import expected_errors_exit
+from megatron_opd.utils.lifeline import bind_child_processes
+
+bind_child_processes(__name__)  # its spawned helpers (checkpoint writers) die with it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,4 +68,5 @@ def main(argv: list[str] | None = None) -> None:
 if (
     __name__ == "__main__"
 ):  # the guard matters: dist_checkpointing's saver spawns processes that re-import this
-    main()
+    with expected_errors_exit():  # bad input, missing or corrupt files: one line, exit code 2
+        main()

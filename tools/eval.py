@@ -19,6 +19,10 @@ import time
 
 from megatron_opd.config import ConfigError, EvalConfig, parse_config
 from megatron_opd.eval.checkpoint_eval import evaluate_checkpoint
+from megatron_opd.utils.errors import expected_errors_exit
+from megatron_opd.utils.lifeline import bind_child_processes
+
+bind_child_processes(__name__)  # its spawned helpers (checkpoint writers) die with it
 
 
 def _run_checkpoint(run_dir: str, rest: list[str]) -> tuple[list[str], str, str]:
@@ -94,4 +98,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with expected_errors_exit():  # bad input, missing or corrupt files: one line, exit code 2
+        sys.exit(main())

@@ -17,8 +17,10 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from megatron_opd.utils.errors import OPDError
 
-class ConfigError(ValueError):
+
+class ConfigError(OPDError, ValueError):
     """A config key or value is wrong; the message names the key, what was given and what is allowed."""
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,10 +158,28 @@ def _metavar(tp: Any) -> str:
     return name.replace(" ", "").upper()
 
 
+# A negative number as a value (``-1e-4``, ``-.5``, ``-inf``): argparse only knows ``-1`` and ``-1.5`` as numbers and
+# reads the rest as an unknown option.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--flag -1e-4`` -> ``--flag=-1e-4`` so that argparse takes the number as the flag's value (validation then
+    judges it like any other value)."""
+    out: list[str] = []
+    for arg in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_NUMBER.match(arg) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_config(argv: Sequence[str] | None = None, prog: str | None = None) -> OPDConfig:
     """YAML file(s) then command-line overrides -> validated ``OPDConfig``."""
     parser = build_parser(prog)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if unknown:
         flags = [a for a in unknown if a.startswith("--")]
         bad = flags[0] if flags else unknown[0]

@@ -14,10 +14,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from megatron_opd.utils.errors import OPDError
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(OPDError, ValueError):
     """A dataset file or one of its rows is malformed; the message names the file and the row."""
 
     def __init__(self, path: str, row: int | None, reason: str) -> None:

@@ -81,7 +81,9 @@ def _engine(rollout_cfg: RolloutConfig, hf_dir: str) -> Any:
         max_retries=rollout_cfg.max_retries,
     )
     if not client.health():
-        raise RuntimeError(
+        from megatron_opd.rollout.types import RolloutError
+
+        raise RolloutError(
             f"SGLang servers {rollout_cfg.sglang_urls} are not healthy; start them serving {hf_dir}"
         )
     return SGLangEngine(client)

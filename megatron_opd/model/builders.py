@@ -256,11 +256,13 @@ def build_model_chunks(model_cfg: ModelConfig, *, sequence_parallel: bool = Fals
 
 def _rope_theta(hf: dict[str, Any]) -> float:
     """RoPE base from a config.json, old style (``rope_theta``) or transformers-5 style (``rope_parameters``)."""
+    from megatron_opd.model.hf_conversion.architecture import ConversionError
+
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ValueError(
+        raise ConversionError(
             f"RoPE scaling type {kind!r} is not supported by megatron_opd's builders (only plain RoPE)"
         )
     theta = params.get("rope_theta", hf.get("rope_theta"))
@@ -271,8 +273,10 @@ def model_config_from_hf(path_or_config: str | os.PathLike | dict[str, Any], **o
     """Read a Hugging Face ``config.json`` (a model directory, the file, or its dict) into a ``ModelConfig``.
 
     Supports ``Qwen2ForCausalLM`` and ``LlamaForCausalLM`` (and their ``model_type``). ``overrides`` replace
-    fields afterwards (e.g. ``params_dtype='bfloat16'``).
+    fields afterwards (e.g. ``params_dtype='bfloat16'``). A model it cannot build raises ``ConversionError``.
     """
+    from megatron_opd.model.hf_conversion.architecture import ConversionError  # not at the top: a cycle
+
     if isinstance(path_or_config, dict):
         hf, hf_path = path_or_config, None
     else:
@@ -288,17 +292,17 @@ def model_config_from_hf(path_or_config: str | os.PathLike | dict[str, Any], **o
     elif model_type == "llama" or "LlamaForCausalLM" in archs:
         arch, qkv_bias = "llama", bool(hf.get("attention_bias", False))
     else:
-        raise ValueError(
+        raise ConversionError(
             f"unsupported architecture {archs or model_type!r}: megatron_opd builds qwen2 and llama"
         )
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * heads != hf["hidden_size"]:
-        raise ValueError(
+        raise ConversionError(
             f"head_dim {head_dim} x heads {heads} != hidden_size {hf['hidden_size']}: not supported"
         )
     if hf.get("mlp_bias"):
-        raise ValueError("MLP biases (mlp_bias=true) are not supported")
+        raise ConversionError("MLP biases (mlp_bias=true) are not supported")
     dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     fields: dict[str, Any] = dict(
         hf_path=hf_path,

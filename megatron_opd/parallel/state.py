@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,11 +20,11 @@ from megatron.core import tensor_parallel
 
 from megatron_opd.config.tree import ParallelConfig
 from megatron_opd.parallel import cpu_compat
+from megatron_opd.parallel.launch import LOOPBACK, bound_tcp_store, loopback_only_env
 
 logger = logging.getLogger(__name__)
 
-_SINGLE_PROCESS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-_env_set_here = False
+_env_set_here: list[str] = []  # the variables a single-process start set, removed again by destroy_parallel
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,6 @@ class ParallelInfo:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_process_group(backend_choice: str, timeout_minutes: int) -> str:
     """Start torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) or as 1 process."""
     if dist.is_initialized():
@@ -65,17 +58,25 @@ def _init_process_group(backend_choice: str, timeout_minutes: int) -> str:
             "parallel.distributed_backend is 'nccl' but CUDA is not available; use 'gloo' or 'auto'"
         )
     global _env_set_here
+    timeout = timedelta(minutes=timeout_minutes)
+    store = None
     if "RANK" not in os.environ:  # a plain single-process launch
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-        os.environ["LOCAL_RANK"] = "0"
-        _env_set_here = True
+        # Its store listens on loopback only (TCPStore alone would listen on every interface), and so do gloo's
+        # and NCCL's sockets.
+        store = bound_tcp_store(LOOPBACK, 0, 1, timeout)
+        single = dict(
+            MASTER_ADDR=LOOPBACK, MASTER_PORT=str(store.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+        os.environ.update(single)
+        _env_set_here = [*single, *loopback_only_env(os.environ)]
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
         backend=backend,
+        store=store,
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(minutes=timeout_minutes),
+        timeout=timeout,
     )
     return backend
 
@@ -152,7 +153,6 @@ def destroy_parallel() -> None:
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    if _env_set_here:  # a later single-process start picks a fresh port
-        for key in _SINGLE_PROCESS_ENV:
-            os.environ.pop(key, None)
-        _env_set_here = False
+    for key in _env_set_here:  # a later single-process start picks a fresh port
+        os.environ.pop(key, None)
+    _env_set_here = []

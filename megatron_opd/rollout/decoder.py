@@ -82,12 +82,18 @@ def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
     """All tensors of the ``*.safetensors`` files in an HF directory, by HF name."""
     from safetensors.torch import load_file
 
+    from megatron_opd.model.hf_conversion.hf_files import SAFETENSORS_READ_ERRORS, corrupt_safetensors
+    from megatron_opd.utils.errors import MissingFileError
+
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        raise MissingFileError(f"no *.safetensors weights in {path}")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(f))
+        try:
+            out.update(load_file(f))
+        except SAFETENSORS_READ_ERRORS as e:
+            raise corrupt_safetensors(f, e) from e
     return out
 
 

@@ -39,10 +39,12 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries: int):
+def _client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries: int, role: str):
     from megatron_opd.rollout.sglang_client import SGLangClient
 
-    return SGLangClient(urls, max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries)
+    return SGLangClient(
+        urls, max_concurrency=max_concurrency, timeout_s=timeout_s, max_retries=max_retries, role=role
+    )
 
 
 _FINGERPRINT = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -134,11 +136,16 @@ def build_rollout_engine(
 
     if cfg.weight_sync == "disk" and weight_sync_dir is None:
         raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
-    client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries)
+    client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries, "rollout")
     from megatron_opd.rollout.sglang_client import redact_url
 
     if not client.health():
-        raise RuntimeError(f"SGLang rollout servers not healthy: {[redact_url(u) for u in cfg.sglang_urls]}")
+        from megatron_opd.rollout.types import RolloutError
+
+        raise RolloutError(
+            f"SGLang rollout servers not healthy (GET /health): {', '.join(redact_url(u) for u in cfg.sglang_urls)}; "
+            "check that they run and that rollout.sglang_urls points at them"
+        )
     check_served_model(client, hf_path, "student (rollout)")
     if cfg.weight_sync == "distributed":
         from megatron_opd.rollout.sglang_server import free_port
@@ -172,7 +179,9 @@ def build_teacher_scorer(
         return EmbeddedScorer.from_hf_dir(path, dtype=dtype, device=device)
     from megatron_opd.teacher.sglang_scorer import SGLangScorer
 
-    scorer = SGLangScorer(_client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries))
+    scorer = SGLangScorer(
+        _client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries, "teacher")
+    )
     if hf_path or cfg.hf_path:
         check_served_model(scorer.client, hf_path or cfg.hf_path, "teacher")
     scorer.probe(cfg.topk, cfg.topk_strategy)

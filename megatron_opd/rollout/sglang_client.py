@@ -11,6 +11,7 @@ while waiting on sockets, which is all these threads do.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +36,17 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{netloc}{slash}{path}"
 
 
+def _short_error(e: BaseException) -> str:
+    """``requests``' error in one short line: the OS reason (``[Errno 111] Connection refused``) instead of
+    urllib3's nested repr of the connection pool."""
+    text = str(e)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if errno:
+        text = errno.group(0)
+    text = re.sub(r"^\w+ConnectionPool\([^)]*\): ", "", text)
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 class _Fatal(Exception):
     """A response that retrying cannot fix (4xx: the request itself is wrong)."""
 
@@ -54,9 +66,11 @@ class SGLangClient:
         timeout_s: float = 600.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
+        role: str = "",
     ):
         if not urls:
             raise ValueError("SGLang backend needs at least one server URL")
+        self.role = role  # 'rollout' or 'teacher': named in every error, so a dead teacher is told from a dead student
         self.urls = [u.rstrip("/") for u in urls]
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
@@ -92,20 +106,27 @@ class SGLangClient:
                 self._next = (self._next + 1) % len(self.urls)
         else:
             start = self.urls.index(url.rstrip("/"))
-        errors: list[str] = []
+        who = " ".join(filter(None, ("SGLang", self.role, "server")))
+        errors: list[tuple[str, BaseException]] = []
         for attempt in range(self.max_retries + 1):
             target = self.urls[(start + attempt) % len(self.urls)] if url is None else self.urls[start]
             try:
                 return self._post_once(target, path, payload, timeout_s)
             except _Fatal as e:
-                raise RolloutError(f"SGLang {redact_url(target)}{path} rejected the request: {e}") from None
+                raise RolloutError(f"{who} {redact_url(target)}{path} rejected the request: {e}") from None
             except (requests.RequestException, ValueError) as e:
-                errors.append(f"{redact_url(target)}: {type(e).__name__}: {e}")
+                errors.append((redact_url(target), e))
                 if attempt < self.max_retries:
                     time.sleep(self.backoff_s * 2**attempt)
+        last_url, last = errors[-1]
+        tried = sorted({u for u, _ in errors})
+        kinds: dict[str, int] = {}
+        for _, e in errors:
+            kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
         raise RolloutError(
-            f"SGLang request {path} failed after {self.max_retries + 1} attempts; last error from "
-            f"{errors[-1]}" + (f" (also: {'; '.join(errors[:-1])})" if len(errors) > 1 else "")
+            f"{who} request {path} failed after {len(errors)} attempts; last error from {last_url}: "
+            f"{_short_error(last)}; tried {', '.join(tried)} ({timeout_s:g} s timeout each, backoff from "
+            f"{self.backoff_s:g} s doubling); errors: {', '.join(f'{n}x {k}' for k, n in kinds.items())}"
         )
 
     def map(self, path: str, payloads: Sequence[dict[str, Any]]) -> list[Any]:

@@ -50,8 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs the server command as its child (in the same process group) and SIGKILLs the whole group once the process
+# that started it is gone, so a SIGKILLed trainer leaves no server holding memory or a GPU. It polls its parent
+# pid rather than using PR_SET_PDEATHSIG, which would fire when the *thread* that started it ends (the trainer
+# starts its servers from short-lived threads). SIGTERM (stop()) reaches the server through the group; the guard
+# ignores it and exits with the server's status. Standard library only: it runs in SGLang's interpreter.
+_GUARD = """
+import os, signal, subprocess, sys
+parent = int(sys.argv[1])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(sys.argv[2:], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+while True:
+    try:
+        rc = child.wait(timeout=1.0)
+        sys.exit(rc if rc >= 0 else 128 - rc)
+    except subprocess.TimeoutExpired:
+        if os.getppid() != parent:
+            os.killpg(0, signal.SIGKILL)
+"""
+
+
 class SGLangServer:
-    """One ``sglang.launch_server`` process. Use as a context manager, or ``start()`` / ``stop()``."""
+    """One ``sglang.launch_server`` process. Use as a context manager, or ``start()`` / ``stop()``.
+
+    The server runs under a small guard process that kills it (and its scheduler/detokenizer children) when the
+    process that called ``start()`` dies, even by SIGKILL.
+    """
 
     def __init__(
         self,
@@ -109,7 +133,7 @@ class SGLangServer:
         """Launch and block until /health answers 200; raises with the log tail if the process dies or times out."""
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            self.command(),
+            [self.python, "-c", _GUARD, str(os.getpid()), *self.command()],
             env=self.environment(),
             stdout=self._log,
             stderr=subprocess.STDOUT,

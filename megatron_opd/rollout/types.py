@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_opd.utils.errors import OPDError
+
 __all__ = ["RolloutResult", "RolloutError"]
 
 
@@ -17,7 +19,7 @@ def check_generate_args(n: int, max_new_tokens: int) -> None:
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
 
 
-class RolloutError(RuntimeError):
+class RolloutError(OPDError, RuntimeError):
     """A rollout or scoring batch could not be completed; no partial batch is ever returned."""
 
 

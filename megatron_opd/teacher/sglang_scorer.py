@@ -89,7 +89,7 @@ class SGLangScorer:
         return reported == 0 and (self.vocab_size is None or want == self.vocab_size - 1)
 
     def probe(self, topk: int, strategy: TopKStrategy) -> None:
-        """Start-up check that the servers return what ``strategy`` needs (raises RuntimeError if not)."""
+        """Start-up check that the servers return what ``strategy`` needs (raises RolloutError if not)."""
         p: dict[str, Any] = {
             "input_ids": [2, 3, 4],
             "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
@@ -106,8 +106,8 @@ class SGLangScorer:
         for url in self.client.urls:
             meta = self.client.post("/generate", p, url=url).get("meta_info", {})
             if len(meta.get("input_token_logprobs") or []) != 3 or (key and len(meta.get(key) or []) != 3):
-                raise RuntimeError(
-                    f"SGLang server {redact_url(url)} cannot serve teacher scoring with top-K strategy {strategy!r} "
+                raise RolloutError(
+                    f"SGLang teacher server {redact_url(url)} cannot serve teacher scoring with top-K strategy {strategy!r} "
                     f"(no per-position {key or 'input_token_logprobs'} in a prefill-only answer)"
                 )
 

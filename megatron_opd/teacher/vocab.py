@@ -12,8 +12,10 @@ import json
 import os
 from typing import Any
 
+from megatron_opd.utils.errors import OPDError
 
-class VocabularyMismatchError(ValueError):
+
+class VocabularyMismatchError(OPDError, ValueError):
     """Teacher and student cannot be paired: their token ids mean different things."""
 
 

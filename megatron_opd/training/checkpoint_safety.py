@@ -37,8 +37,10 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from megatron_opd.utils.errors import OPDError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(OPDError, RuntimeError):
     """A checkpoint cannot be written or resumed as asked (the message says why and what to do)."""
 
 

@@ -11,10 +11,16 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from megatron_opd.config import ConfigError, parse_config
+from megatron_opd.config import parse_config
+from megatron_opd.utils.errors import expected_errors_exit
+from megatron_opd.utils.lifeline import bind_child_processes
 
 if TYPE_CHECKING:
     from megatron_opd.training import run as R
+
+# The processes the trainer forks (Megatron's file writers) or spawns (their queue's Manager, which imports this
+# module as __mp_main__) die with it: a SIGKILLed trainer leaves none behind (utils/lifeline.py).
+bind_child_processes(__name__)
 
 
 def train(argv: list[str] | None = None) -> dict[str, Any]:
@@ -102,11 +108,9 @@ def _print_summary(run: R.Run, before: dict[str, float], after: dict[str, float]
 
 
 def main() -> None:
-    try:
+    # Expected failures (config, data, servers, checkpoints, vocabulary, conversion): one line on rank 0, exit 2.
+    with expected_errors_exit():
         train(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

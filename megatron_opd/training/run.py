@@ -47,12 +47,14 @@ from megatron_opd.training.batch import OPDBatch
 from megatron_opd.training.handover import HandoverGroups, hand_over
 from megatron_opd.training.logger import RunLogger
 from megatron_opd.training.optimizer import TrainingObjects, setup_training
+from megatron_opd.training.preflight import check_run_inputs
 from megatron_opd.training.step import StepResult, TrainStep
+from megatron_opd.utils.errors import OPDError
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(OPDError, RuntimeError):
     """Too many consecutive steps had a NaN/inf loss or gradient; the run stops, the last checkpoint is intact."""
 
 
@@ -96,6 +98,7 @@ def setup_run(cfg: OPDConfig) -> Run:
         raise ConfigError(
             "config key 'model.hf_path': a run needs the student's HF directory (weights + tokenizer)"
         )
+    check_run_inputs(cfg)  # model directories, TP/PP against config.json, output folders: before any step
     # The architecture comes from the checkpoint's config.json; how it is run comes from the model section.
     model_cfg = model_config_from_hf(
         cfg.model.hf_path,

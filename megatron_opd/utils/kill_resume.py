@@ -6,7 +6,8 @@ complete checkpoint (never a half-written ``iter_*.tmp``), repeat the steps afte
 metrics and data order of a run that was never interrupted. This module drives real training processes
 (``python -m megatron_opd.training.main``) and checks all of that from the files a run leaves:
 ``metrics.jsonl`` (one row per step), ``consumed_prompts.jsonl`` (the prompt indices of each step) and the
-checkpoint directory. ``tools/kill_resume_harness.py`` is the command line; ``tests/e2e/test_reliability_kill_resume.py``
+checkpoint directory, and that no process of a killed run (its spawned helpers included) outlives it.
+``tools/kill_resume_harness.py`` is the command line; ``tests/e2e/test_reliability_kill_resume.py``
 runs the short mode in CI.
 """
 
@@ -23,6 +24,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+import psutil
 
 KillKind = Literal["after_step", "mid_step", "during_save"]
 
@@ -60,6 +63,7 @@ class KillRecord:
     complete_iterations: list[int]
     expected_resume_step: int
     resumed_step: int | None = None
+    helper_processes: int = 0  # processes the run had started (all gone after the kill, or the harness fails)
 
 
 @dataclass
@@ -132,6 +136,69 @@ def _start(cmd: list[str], log_path: str, env: dict[str, str]) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+# Every process of one started run carries this variable (inherited from the run's process), so the processes a
+# run left behind are found by it, wherever the kernel re-parented them.
+RUN_MARKER_ENV = "MEGATRON_OPD_KILL_TEST_RUN"
+
+
+def marked_env(env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """``env`` plus a marker unique to one run (pass it to the run's process); returns (env, marker)."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}-{random.getrandbits(32):08x}"
+    return {**env, RUN_MARKER_ENV: marker}, marker
+
+
+def _processes_of(marker: str) -> list[psutil.Process]:
+    """The live (not zombie) processes whose environment carries ``marker``."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(RUN_MARKER_ENV) == marker:
+                found.append(p)
+        except psutil.Error:  # gone meanwhile, or another user's process
+            continue
+    return found
+
+
+def kill_run(proc: subprocess.Popen, marker: str, *, grace_s: float = 30.0) -> int:
+    """SIGKILL ``proc`` alone (no clean-up, as a preemption would) and check that no process of its run survives:
+    every process in its tree just before the kill, and every process carrying its ``marker``, must be gone within
+    ``grace_s`` (helpers die with their parent). Returns how many helper processes the run had; raises
+    ``HarnessError`` naming the survivors."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = {p.pid: p for p in _processes_of(marker)}
+        for p in tree:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive[p.pid] = p
+            except psutil.Error:
+                continue
+        if not alive:
+            return len(tree)
+        if time.monotonic() > deadline:
+            names = []
+            for p in alive.values():
+                try:
+                    names.append(f"{p.pid} ({' '.join(p.cmdline())[:120]})")
+                except psutil.Error:
+                    names.append(str(p.pid))
+            for p in alive.values():  # do not leave them for the next test either
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            raise HarnessError(
+                f"{len(alive)} process(es) of the killed run outlived it by {grace_s:.0f} s: {'; '.join(names)}"
+            )
+        time.sleep(0.1)
+
+
 def _tail(path: str, n: int = 40) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return "".join(f.readlines()[-n:])
@@ -162,6 +229,7 @@ def _resumed_at(log_path: str) -> int | None:
 
 def _wait_and_kill(
     proc: subprocess.Popen,
+    marker: str,
     point: KillPoint,
     run_dir: str,
     metrics_offset: int,
@@ -170,7 +238,7 @@ def _wait_and_kill(
     max_save_delay_s: float,
     timeout_s: float,
     log_path: str,
-) -> None:
+) -> int:
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + timeout_s
     kill_at: float | None = None
@@ -197,9 +265,9 @@ def _wait_and_kill(
                 elif point.kind == "mid_step" and _resumed_at(log_path) == point.step - 1:
                     kill_at = time.monotonic() + rng.uniform(0.0, 0.3)  # step k follows the resume at once
         if kill_at is not None and time.monotonic() >= kill_at:
-            proc.send_signal(signal.SIGKILL)  # no clean-up: whatever was in flight is lost
-            proc.wait()
-            return
+            return kill_run(
+                proc, marker
+            )  # no clean-up: whatever was in flight is lost; no helper may survive
         time.sleep(0.002)
 
 
@@ -241,13 +309,16 @@ def run_harness(
             # The run resumes itself (load = save); before its first save the folder holds no checkpoint yet.
             os.makedirs(run_dir, exist_ok=True)
             resume = ["--checkpoint.load", run_dir, "--checkpoint.allow_empty_load", "true"]
-            proc = _start([*base, "--checkpoint.save", run_dir, *resume], seg_log, env)
+            seg_env, marker = marked_env(env)
+            proc = _start([*base, "--checkpoint.save", run_dir, *resume], seg_log, seg_env)
+            helpers = 0
             if point is None:
                 if proc.wait(timeout=segment_timeout_s) != 0:
                     raise HarnessError(f"the final resumed segment failed:\n{_tail(seg_log)}")
             else:
-                _wait_and_kill(
+                helpers = _wait_and_kill(
                     proc,
+                    marker,
                     point,
                     run_dir,
                     offset,
@@ -273,6 +344,7 @@ def run_harness(
                     if os.path.isdir(run_dir)
                     else [],
                     expected_resume_step=expected,
+                    helper_processes=helpers,
                 )
             )
         if ref.wait(timeout=segment_timeout_s) != 0:

@@ -217,3 +217,21 @@ def test_shipped_paper_configs_load(monkeypatch):
     ]
     assert seen == {(pair, *run) for pair in ("r1", "openmath") for run in grid}
     assert len(files) == len(seen)
+
+
+@pytest.mark.parametrize(
+    "argv, key, value",
+    [
+        (["--optimizer.lr", "-1e-4"], "optimizer.lr", -1e-4),  # argparse alone reads -1e-4 as an option
+        (["--lr", "-1E+2"], "optimizer.lr", -100.0),
+        (["--optimizer.weight_decay", "-.5"], "optimizer.weight_decay", -0.5),
+        (["--optimizer.lr", "-inf"], "optimizer.lr", float("-inf")),
+    ],
+)
+def test_a_negative_number_on_the_command_line_is_a_value(argv, key, value):
+    # The value reaches validation, which rejects it with the key's own message (not a usage screen).
+    with pytest.raises(ConfigError, match=rf"config key '{key}': got {value!r}; allowed: a number in"):
+        parse_config(argv)
+    assert parse_config(["--train.seed", "-3"]).train.seed == -3
+    with pytest.raises(ConfigError, match="unknown command-line argument '-x'"):
+        parse_config(["-x"])  # a lone dash-word is still an unknown option, not a number

@@ -188,3 +188,32 @@ def test_wrong_model_server_is_refused_naming_both_models(tmp_path):
             check_served_model(client, expected, "teacher")
         served = expected
         check_served_model(client, expected, "teacher")  # the right model passes
+
+
+def test_a_dead_teacher_error_says_teacher_which_server_and_what_was_tried():
+    from megatron_opd.config.tree import TeacherConfig
+    from megatron_opd.rollout.engine import build_teacher_scorer
+    from megatron_opd.utils.spawn import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RolloutError) as e:  # the start-up probe is the teacher's first request
+        build_teacher_scorer(TeacherConfig(backend="sglang", sglang_urls=[dead]), max_retries=2)
+    msg = str(e.value)
+    assert msg.startswith(
+        f"SGLang teacher server request /generate failed after 3 attempts; last error from {dead}"
+    )
+    assert "Connection refused" in msg and f"tried {dead} (600 s timeout each, backoff from 0.5 s" in msg
+    assert "3x ConnectionError" in msg
+    # One line, not the retry history of every attempt with urllib3's nested reprs.
+    assert "\n" not in msg and len(msg) < 400 and "ConnectionPool" not in msg
+
+    with _Server(lambda i, p: (500, "text/plain", "boom")) as srv:
+        client = SGLangClient([srv.url], max_retries=1, backoff_s=0.01, role="rollout")
+        with pytest.raises(RolloutError, match=r"^SGLang rollout server request /generate failed after 2"):
+            client.post("/generate", {"input_ids": [1]})
+    with _Server(lambda i, p: (400, "text/plain", "bad")) as srv:
+        client = SGLangClient([srv.url], role="teacher")
+        with pytest.raises(
+            RolloutError, match=r"^SGLang teacher server http://127\.0\.0\.1:\d+/generate rejected"
+        ):
+            client.post("/generate", {"input_ids": [1]})

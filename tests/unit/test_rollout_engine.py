@@ -87,7 +87,7 @@ def test_factories(tmp_path):
         build_rollout_engine(
             RolloutConfig(backend="sglang", sglang_urls=[dead], weight_sync="disk"), hf_path=path
         )
-    with pytest.raises(RuntimeError, match="not healthy"):
+    with pytest.raises(RolloutError, match="rollout servers not healthy"):
         build_rollout_engine(RolloutConfig(backend="sglang", sglang_urls=[dead]), hf_path=path)
     # The teacher probe runs at start-up; an unreachable teacher fails there, naming it.
     with pytest.raises(RolloutError, match=dead.replace(".", r"\.")):

@@ -24,6 +24,7 @@ import torch
 
 from megatron_opd.config.tree import ModelConfig
 from megatron_opd.model.hf_conversion import tensors as T
+from megatron_opd.utils.errors import OPDError
 
 RuleKind = Literal["copy", "qkv", "gate_up", "vocab"]
 
@@ -34,7 +35,7 @@ _TE_ALIASES = {
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(OPDError, ValueError):
     """A checkpoint does not fit its config or the requested layout; the message says what and where."""
 
 

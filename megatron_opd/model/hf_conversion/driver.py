@@ -39,6 +39,7 @@ from megatron_opd.config.tree import ModelConfig, ParallelConfig
 from megatron_opd.model.hf_conversion import architecture as A
 from megatron_opd.model.hf_conversion import hf_files as F
 from megatron_opd.model.hf_conversion import live
+from megatron_opd.utils.errors import MissingFileError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def single_process_megatron(seed: int = 1234) -> Iterator[None]:
 def _atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of ``out_dir`` that becomes ``out_dir`` only if the block finishes."""
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +185,7 @@ def read_metadata(ckpt_dir: str | os.PathLike[str]) -> ModelConfig | None:
 def _source_hf_dir(ckpt_dir: Path, hf_config_dir: str | os.PathLike[str] | None) -> Path | None:
     if hf_config_dir is not None:
         if not (Path(hf_config_dir) / F.CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"no {F.CONFIG_NAME} in {hf_config_dir} (the source HF directory)")
+            raise MissingFileError(f"no {F.CONFIG_NAME} in {hf_config_dir} (the source HF directory)")
         return Path(hf_config_dir)
     for d in (ckpt_dir / HF_SUBDIR, ckpt_dir.parent / HF_SUBDIR):
         if (d / F.CONFIG_NAME).is_file():
@@ -220,13 +221,13 @@ def megatron_to_hf(
 
     ckpt = Path(ckpt_dir)
     if not (ckpt / "metadata.json").is_file():
-        raise FileNotFoundError(f"{ckpt} is not a dist_checkpointing checkpoint (no metadata.json)")
+        raise MissingFileError(f"{ckpt} is not a dist_checkpointing checkpoint (no metadata.json)")
     source = _source_hf_dir(ckpt, hf_config_dir)
     if model_cfg is None:
         model_cfg = read_metadata(ckpt)
     if model_cfg is None:
         if source is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{ckpt} has no {METADATA_NAME}; pass the source HF directory (hf_config_dir / --hf-config-dir) "
                 "or the ModelConfig"
             )

@@ -8,16 +8,20 @@ as it is full, and writes the index last. Both fail with the path of whatever is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from megatron_opd.model.hf_conversion.architecture import ConversionError
+from megatron_opd.utils.errors import MissingFileError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,8 +44,37 @@ def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The config.json of ``hf_dir`` as a dict."""
     path = Path(hf_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {hf_dir} (expected a Hugging Face model directory)")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"no {CONFIG_NAME} in {hf_dir} (expected a Hugging Face model directory)")
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); restore it from the model's source") from e
+
+
+# What reading a truncated or corrupt safetensors file raises (safetensors' own error or the OS's).
+SAFETENSORS_READ_ERRORS = (SafetensorError, OSError)
+
+
+def corrupt_safetensors(path: str | os.PathLike[str], error: BaseException) -> ConversionError:
+    """The error for a safetensors file that cannot be read: names the file and what to do."""
+    return ConversionError(
+        f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); the file is truncated or "
+        "corrupt: download or convert it again"
+    )
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``; a truncated or corrupt file raises ``ConversionError`` naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SAFETENSORS_READ_ERRORS as e:
+        raise corrupt_safetensors(path, e) from e
 
 
 class HFCheckpointReader:
@@ -50,20 +83,20 @@ class HFCheckpointReader:
     def __init__(self, hf_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(hf_dir)
         if not self.dir.is_dir():
-            raise FileNotFoundError(f"Hugging Face checkpoint directory {self.dir} does not exist")
+            raise MissingFileError(f"Hugging Face checkpoint directory {self.dir} does not exist")
         index = self.dir / INDEX_NAME
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = _read_json(index)["weight_map"]
         elif (self.dir / SINGLE_NAME).is_file():
-            with safe_open(self.dir / SINGLE_NAME, framework="pt") as f:
+            with open_safetensors(self.dir / SINGLE_NAME) as f:
                 weight_map = {name: SINGLE_NAME for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no {INDEX_NAME} or {SINGLE_NAME} in {self.dir} (only safetensors checkpoints are supported)"
             )
         for shard in sorted(set(weight_map.values())):
             if not (self.dir / shard).is_file():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{INDEX_NAME} in {self.dir} names the shard {shard}, which is missing"
                 )
         self._weight_map = weight_map
@@ -80,7 +113,7 @@ class HFCheckpointReader:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.dir}")
         # Opened per tensor (the header parse is cheap): a handle kept open keeps the shard's pages mapped, and
         # the resident size would grow to a second copy of the model over a conversion.
-        with safe_open(self.dir / self._weight_map[name], framework="pt") as f:
+        with open_safetensors(self.dir / self._weight_map[name]) as f:
             return f.get_tensor(name)
 
 
