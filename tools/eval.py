@@ -68,8 +68,7 @@ def main(argv=None) -> None:
         print(
             f"note: evaluating the default sets {', '.join(cfg.eval.datasets)} at avg@{cfg.eval.n_samples} with "
             f"responses up to {cfg.eval.max_new_tokens or cfg.rollout.max_response_length} tokens; pass "
-            "--eval.datasets (or --run RUN_DIR for a run's own sets) to choose",
-            file=sys.stderr,
+            "--eval.datasets (or --run RUN_DIR for a run's own sets) to choose"
         )
     source = args.megatron_ckpt or args.hf_dir
     print(f"evaluating {source} on {', '.join(cfg.eval.datasets)} (avg@{cfg.eval.n_samples}) ...", flush=True)

@@ -73,7 +73,7 @@ def test_eval_tool_run_folder_uses_the_runs_checkpoint_and_eval_sets(tmp_path):
     assert "iter_0000001" in proc.stdout  # the run's checkpoint, not some default model
     scores = json.loads(out.read_text())
     assert any(k.endswith("/avg@2") for k in scores), scores  # the run's k, not the default avg@16
-    assert "note: evaluating the default sets" not in proc.stderr
+    assert "note: evaluating the default sets" not in proc.stdout
 
 
 def test_eval_tool_run_folder_without_checkpoint_is_a_clear_error(tmp_path):
