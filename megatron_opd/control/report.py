@@ -71,6 +71,34 @@ def fig14_table(fig14: dict[str, Any], fig3: dict[str, Any] | None) -> str:
     return "\n".join(rows)
 
 
+def table2_rules(t2: dict[str, Any]) -> str:
+    """Table 2 under both success rules (``control.envs``): the goal disc entered at any step (``reach``, the
+    table above) and the final position inside it at t = T (``final``); empty when the run predates the rule."""
+    if not all("success_final" in r for runs in t2["methods"].values() for r in runs):
+        return ""
+    rows = [
+        "| method | reach: best (seed mean) | reach: final | final position at t = T: best (seed mean) "
+        "| final position: per seed best | final position: final | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in t2["methods"].items():
+        per_seed = ", ".join(_pct(max(r["success_final"])) for r in runs)
+        paper = PAPER_TABLE2.get(name)
+        rows.append(
+            f"| {name} | {_pct(best_success(runs))} | {_pct(final_success(runs))} "
+            f"| {_pct(best_success(runs, 'success_final'))} | {per_seed} "
+            f"| {_pct(final_success(runs, 'success_final'))} | {'-' if paper is None else _pct(paper)} |"
+        )
+    rules = [
+        ("teacher", t2.get("teacher_success_rules")),
+        ("initial student", t2.get("student_init_success_rules")),
+    ]
+    for who, rates in rules:
+        if rates:
+            rows.append(f"| {who} | {_pct(rates['reach'])} | | {_pct(rates['final'])} | | | |")
+    return "\n".join(rows)
+
+
 def table2(t2: dict[str, Any]) -> str:
     rows = [
         "| method | best success@avg256 (seed mean) | per seed best | final | steps to 90% (per seed) "
@@ -253,6 +281,11 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
             "",
             table2(t2),
             "",
+        ]
+        strict = table2_rules(t2)
+        if strict:
+            lines += ["Under both success rules (`success_rule`, `control/envs.py`):", "", strict, ""]
+        lines += [
             "![Fig. 8](fig8_popd_vs_opd.png)",
             "",
             "![trajectories](ar_trajectories.png)",
