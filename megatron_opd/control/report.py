@@ -26,6 +26,14 @@ SUCCESS_LEVEL = 0.9
 """'High success rate' for Fig. 8 and the steps-to-reach columns."""
 
 
+def _mode(part: str, meta: dict[str, Any]) -> str:
+    """The run's mode, with Table 2's distillation seeds when a reduced run recorded them."""
+    seeds = meta.get("ar_seeds")
+    return (
+        f"{meta['mode']}, seeds {', '.join(map(str, seeds))}" if part == "table2" and seeds else meta["mode"]
+    )
+
+
 def _fmt_steps(xs: list[int | None]) -> str:
     return ", ".join("never" if x is None else str(x) for x in xs)
 
@@ -244,7 +252,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     meta = results.get("meta", {})
     if meta:
         lines += ["| part | mode | wall-clock (s, one thread) |", "|---|---|---|"]
-        lines += [f"| {p} | {m['mode']} | {m['wall_clock_s']} |" for p, m in meta.items()] + [""]
+        lines += [f"| {p} | {_mode(p, m)} | {m['wall_clock_s']} |" for p, m in meta.items()] + [""]
     fig3 = results.get("fig3")
     if fig3 is not None:
         plot_fig3(fig3, out_dir / "fig3_token_vs_sequence.png")
