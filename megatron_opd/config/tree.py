@@ -469,7 +469,9 @@ class LoggingConfig:
     progress_bar: bool = True
     """Show a progress bar per step phase (rollout, teacher, train, sync)."""
     kl_position_buckets: int = 10
-    """Number of equal-width response-position buckets for the per-position KL/log-ratio metrics."""
+    """Number of equal-width buckets of response positions [0, rollout.max_response_length) for the logged KL and
+    log-ratio by position (``opd_by_position/{kl,topk_kl,log_ratio,tokens}_bNN``); the same positions at every
+    step whatever the horizon, so buckets past the window are left out (see loss/metrics.py)."""
 
     def __post_init__(self) -> None:
         check_range("logging.log_interval", self.log_interval, 1)

@@ -13,12 +13,20 @@ task is a handful of batched tensor operations per time step, with no Python loo
 Episodes end when the position enters the goal disc (success) or the obstacle (failure); a finished
 environment stays frozen and its later steps are masked out, like the padding after an EOS token. Targets lie
 at ``distance`` from the origin at ``angle_deg`` (0 is the +x axis).
+
+Two success rules (``success_rule``): ``reach`` (the default, used for training) counts an episode that enters
+the goal disc at any step, and ends it there, so a policy that flies through the disc still succeeds; ``final``
+lets episodes run on through the disc (only the obstacle ends them) and counts the position at t = T inside the
+radius. Both see the same random draws, so a ``final`` episode is step for step the ``reach`` one until it
+first enters the disc, and its ``reached`` flag is the ``reach`` rule's success: one ``final`` rollout gives both.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -34,13 +42,19 @@ class NavState:
     done: torch.Tensor
     """[B] bool, episode over (goal reached or obstacle hit)."""
     success: torch.Tensor
-    """[B] bool, goal reached."""
+    """[B] bool, a success so far under the environment's ``success_rule``."""
+    reached: torch.Tensor
+    """[B] bool, entered the goal disc at some step before any obstacle hit (the ``reach`` rule's success)."""
 
 
 def target_at(angle_deg: float, distance: float) -> torch.Tensor:
     """The point at ``distance`` from the origin in direction ``angle_deg``; [2] float32."""
     a = math.radians(angle_deg)
     return torch.tensor([distance * math.cos(a), distance * math.sin(a)], dtype=torch.float32)
+
+
+SUCCESS_RULES = ("reach", "final")
+"""``reach``: the goal disc entered at any step (the episode ends there); ``final``: inside it at t = T."""
 
 
 class _Navigation:
@@ -58,16 +72,28 @@ class _Navigation:
         goal_radius: float,
         obstacle: tuple[float, float, float] | None = None,
         collision_penalty: float = 0.0,
+        success_rule: Literal["reach", "final"] = "reach",
     ) -> None:
+        if success_rule not in SUCCESS_RULES:
+            raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, got {success_rule!r}")
         self.target = target.float()
         self.horizon, self.distance, self.noise, self.goal_radius = horizon, distance, noise, goal_radius
         self.obstacle = obstacle
         self.collision_penalty = collision_penalty
+        self.success_rule = success_rule
+
+    def with_success_rule(self, rule: Literal["reach", "final"]) -> _Navigation:
+        """A copy of this task that counts success by ``rule`` (module docstring)."""
+        if rule not in SUCCESS_RULES:
+            raise ValueError(f"success rule must be one of {SUCCESS_RULES}, got {rule!r}")
+        other = copy.copy(self)
+        other.success_rule = rule
+        return other
 
     def reset(self, batch: int) -> NavState:
         z = torch.zeros(batch, 2)
         f = torch.zeros(batch, dtype=torch.bool)
-        return NavState(pos=z, vel=z.clone(), done=f, success=f.clone())
+        return NavState(pos=z, vel=z.clone(), done=f, success=f.clone(), reached=f.clone())
 
     def _move(
         self, state: NavState, action: torch.Tensor, noise: torch.Tensor
@@ -92,7 +118,8 @@ class _Navigation:
         pos = torch.where(keep, pos, state.pos)
         vel = torch.where(keep, vel, state.vel)
         dist = (pos - self.target).norm(dim=-1)
-        reached = alive & (dist < self.goal_radius)
+        in_goal = dist < self.goal_radius
+        reached = alive & in_goal
         hit = torch.zeros_like(reached)
         if self.obstacle is not None:
             cx, cy, r = self.obstacle
@@ -100,8 +127,13 @@ class _Navigation:
         reward = torch.where(
             alive, -dist / self.distance - self.collision_penalty * hit.float(), torch.zeros_like(dist)
         )
-        new = NavState(pos=pos, vel=vel, done=state.done | reached | hit, success=state.success | reached)
-        return new, reward
+        ever = state.reached | reached
+        if self.success_rule == "reach":
+            done, success = state.done | reached | hit, ever
+        else:  # only the obstacle ends an episode; success is being inside the disc now (at t = T: the rule)
+            done = state.done | hit
+            success = ~done & in_goal
+        return NavState(pos=pos, vel=vel, done=done, success=success, reached=ever), reward
 
 
 class SimpleNavigation(_Navigation):

@@ -26,6 +26,14 @@ SUCCESS_LEVEL = 0.9
 """'High success rate' for Fig. 8 and the steps-to-reach columns."""
 
 
+def _mode(part: str, meta: dict[str, Any]) -> str:
+    """The run's mode, with Table 2's distillation seeds when a reduced run recorded them."""
+    seeds = meta.get("ar_seeds")
+    return (
+        f"{meta['mode']}, seeds {', '.join(map(str, seeds))}" if part == "table2" and seeds else meta["mode"]
+    )
+
+
 def _fmt_steps(xs: list[int | None]) -> str:
     return ", ".join("never" if x is None else str(x) for x in xs)
 
@@ -68,6 +76,34 @@ def fig14_table(fig14: dict[str, Any], fig3: dict[str, Any] | None) -> str:
                 f"| learned (REINFORCE) | {name}-level | {_pct(final_success(runs))} "
                 f"| {_fmt_steps(steps_to_reach(runs, SUCCESS_LEVEL))} |"
             )
+    return "\n".join(rows)
+
+
+def table2_rules(t2: dict[str, Any]) -> str:
+    """Table 2 under both success rules (``control.envs``): the goal disc entered at any step (``reach``, the
+    table above) and the final position inside it at t = T (``final``); empty when the run predates the rule."""
+    if not all("success_final" in r for runs in t2["methods"].values() for r in runs):
+        return ""
+    rows = [
+        "| method | reach: best (seed mean) | reach: final | final position at t = T: best (seed mean) "
+        "| final position: per seed best | final position: final | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in t2["methods"].items():
+        per_seed = ", ".join(_pct(max(r["success_final"])) for r in runs)
+        paper = PAPER_TABLE2.get(name)
+        rows.append(
+            f"| {name} | {_pct(best_success(runs))} | {_pct(final_success(runs))} "
+            f"| {_pct(best_success(runs, 'success_final'))} | {per_seed} "
+            f"| {_pct(final_success(runs, 'success_final'))} | {'-' if paper is None else _pct(paper)} |"
+        )
+    rules = [
+        ("teacher", t2.get("teacher_success_rules")),
+        ("initial student", t2.get("student_init_success_rules")),
+    ]
+    for who, rates in rules:
+        if rates:
+            rows.append(f"| {who} | {_pct(rates['reach'])} | | {_pct(rates['final'])} | | | |")
     return "\n".join(rows)
 
 
@@ -216,7 +252,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     meta = results.get("meta", {})
     if meta:
         lines += ["| part | mode | wall-clock (s, one thread) |", "|---|---|---|"]
-        lines += [f"| {p} | {m['mode']} | {m['wall_clock_s']} |" for p, m in meta.items()] + [""]
+        lines += [f"| {p} | {_mode(p, m)} | {m['wall_clock_s']} |" for p, m in meta.items()] + [""]
     fig3 = results.get("fig3")
     if fig3 is not None:
         plot_fig3(fig3, out_dir / "fig3_token_vs_sequence.png")
@@ -253,6 +289,11 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
             "",
             table2(t2),
             "",
+        ]
+        strict = table2_rules(t2)
+        if strict:
+            lines += ["Under both success rules (`success_rule`, `control/envs.py`):", "", strict, ""]
+        lines += [
             "![Fig. 8](fig8_popd_vs_opd.png)",
             "",
             "![trajectories](ar_trajectories.png)",

@@ -73,5 +73,23 @@ def rollout(
 
 @torch.no_grad()
 def success_rate(policy: ControlPolicy, env: _Navigation, episodes: int, generator: torch.Generator) -> float:
-    """Fraction of ``episodes`` sampled full-horizon episodes that reach the goal (the paper's avg@N)."""
+    """Fraction of ``episodes`` sampled full-horizon episodes that succeed under ``env.success_rule`` (the
+    paper's avg@N)."""
     return rollout(policy, env, episodes, env.horizon, generator).success.float().mean().item()
+
+
+@torch.no_grad()
+def success_rates(
+    policy: ControlPolicy, env: _Navigation, episodes: int, generator: torch.Generator
+) -> dict[str, float]:
+    """Success of ``episodes`` full-horizon episodes under both rules, from one rollout: {'reach', 'final'}.
+
+    The rollout runs on ``env`` under the ``final`` rule; its ``reached`` flags are what the ``reach`` rule would
+    have counted on the same random draws (envs module docstring), so ``reach`` equals ``success_rate`` on the
+    ``reach`` task with the same generator state.
+    """
+    traj = rollout(policy, env.with_success_rule("final"), episodes, env.horizon, generator)
+    return {
+        "reach": traj.final.reached.float().mean().item(),
+        "final": traj.final.success.float().mean().item(),
+    }

@@ -25,7 +25,7 @@ from megatron_opd.config.tree import HorizonConfig
 from megatron_opd.control.envs import _Navigation
 from megatron_opd.control.gaussian import gaussian_logprob
 from megatron_opd.control.policies import ControlPolicy
-from megatron_opd.control.rollout import Trajectories, rollout, success_rate
+from megatron_opd.control.rollout import Trajectories, rollout, success_rates
 from megatron_opd.loss.reference import opd_loss
 
 
@@ -89,7 +89,10 @@ class DistillHistory:
     eval_steps: list[int] = field(default_factory=list)
     """Optimizer steps completed before each evaluation."""
     success: list[float] = field(default_factory=list)
-    """Full-horizon success rate of the student (toward the teacher's target) at each evaluation."""
+    """Full-horizon success rate of the student (toward the teacher's target) at each evaluation, under the
+    ``reach`` rule (the goal disc entered at any step; ``control.envs``)."""
+    success_final: list[float] = field(default_factory=list)
+    """The same evaluations under the strict ``final`` rule: the position at t = T inside the goal disc."""
     env_steps: list[int] = field(default_factory=list)
     """Environment steps generated for training so far (the rollout cost) at each evaluation."""
     seconds: list[float] = field(default_factory=list)
@@ -129,7 +132,8 @@ def distill(
 
     Step k: window = schedule.window(k); the student samples ``window.generate`` steps; the teacher scores the
     student's actions on the same histories; A_t = opd_advantages(log p_T, log p_S, window mask, gamma); one
-    Adam step on opd_loss. Evaluation samples full-horizon (T) episodes regardless of the window.
+    Adam step on opd_loss. Evaluation samples full-horizon (T) episodes regardless of the window and counts
+    success under both rules (``success``, ``success_final``).
     """
     schedule = build_horizon_schedule(horizon, env.horizon)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
@@ -138,7 +142,9 @@ def distill(
     for k in range(steps + 1):
         if k % eval_every == 0 or k == steps:
             hist.eval_steps.append(k)
-            hist.success.append(success_rate(student, env, eval_episodes, eval_generator))
+            rates = success_rates(student, env, eval_episodes, eval_generator)
+            hist.success.append(rates["reach"])
+            hist.success_final.append(rates["final"])
             hist.env_steps.append(env_steps)
             hist.seconds.append(seconds)
             hist.horizon_end.append(schedule.window(k).end)

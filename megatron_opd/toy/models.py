@@ -15,7 +15,8 @@ Everything is keyed by a hash of the recipe under ``cache_dir/<hash>/``; a secon
 
 Measured with the default recipe (2026-11-30, one thread on the shared 2-core machine, 256 held-out problems):
 teacher greedy 1.00 (sampled at T=1: 0.98), student greedy 0.00 (sampled: 0.16, with the step format in 0.21 of
-samples); about 105 s of CPU time for both. A throwaway token-level OPD loop (HF models, 16 prompts x 4 samples,
+samples); about 105 s of CPU time for both. Built on another machine (2026-12-01): teacher sampled 0.96, student
+0.14. The models are the same on every build of one machine but not across CPUs (float rounding; README). A throwaway token-level OPD loop (HF models, 16 prompts x 4 samples,
 Adam lr 1e-4, full horizon) lifted the student's greedy accuracy to 0.93 in 10 steps and 0.96-0.98 by 20.
 """
 

@@ -35,6 +35,7 @@ from megatron_opd.config.base import ConfigError
 from megatron_opd.data.prompts import PromptDataset, load_train_dataset
 from megatron_opd.data.sampler import PromptBatch, PromptSampler
 from megatron_opd.data.tokenizer import load_tokenizer
+from megatron_opd.loss.metrics import position_bucket_scalars
 from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
 from megatron_opd.model.hf_conversion.live import iter_hf_weights, load_hf_weights
 from megatron_opd.parallel.state import ParallelInfo, initialize_parallel
@@ -482,8 +483,19 @@ def save(run: Run, iteration: int) -> str | None:
 
 
 def step_scalars(run: Run, step: int, result: StepResult, stats: dict[str, float]) -> dict[str, float]:
-    """The step's scalars: train metrics, rollout statistics, horizon state and throughput."""
+    """The step's scalars: train metrics, rollout statistics, horizon state, throughput, and the KL and log-ratio
+    by response-position bucket (``opd_by_position/*``, buckets of [0, T_max): see ``loss/metrics.py``)."""
     out = {**result.scalars(), **stats, **run.schedule.describe(step)}
+    has_topk = run.cfg.loss.topk_kl_coef > 0 and math.isfinite(result.topk_kl_mean)
+    out.update(
+        position_bucket_scalars(
+            result.position_log_ratio_sum,
+            result.position_count,
+            position_topk_kl_sum=result.position_topk_kl_sum if has_topk else None,
+            max_length=run.cfg.rollout.max_response_length,
+            num_buckets=run.cfg.logging.kl_position_buckets,
+        )
+    )
     secs = run.logger.phase_seconds
     out.update({f"time/{phase}_s": sec for phase, sec in secs.items()})
     for phase, key in (("rollout", "rollout/generated_tokens"), ("train", "train/tokens")):

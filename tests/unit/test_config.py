@@ -205,6 +205,8 @@ def test_shipped_paper_configs_load(monkeypatch):
     for path in files:
         cfg = parse_config(["--config", path])
         assert cfg.optimizer.lr == 1e-6 and cfg.train.global_batch_size == 64 and cfg.teacher.topk == 16
+        # one estimator, the paper's Eq. 6/10/12 (docs/cpu_schedules.md): the top-K KL term is an option only
+        assert (cfg.loss.gamma, cfg.loss.pg_coef, cfg.loss.topk_kl_coef) == (0.0, 1.0, 0.0)
         rho = cfg.horizon.rho if cfg.horizon.schedule == "truncated" else None
         seen.add((os.path.basename(path).split("_")[0], cfg.horizon.schedule, rho))
     # Table 1's grid: OPD, POPD and TOPD at rho = 0.5, 0.25, 0.1 for both student-teacher pairs, each exactly once.

@@ -76,3 +76,24 @@ def test_rollout_mask_stops_after_success():
     assert traj.mask.sum(1).tolist() == [9, 9, 9, 9]
     assert (traj.rewards[:, 9:] == 0).all()
     assert traj.positions.shape == (4, 51, 2) and traj.obs.shape == (4, 50, 3)
+
+
+def test_final_rule_runs_through_the_disc_and_counts_the_position_at_t_equals_T():
+    env = SimpleNavigation(
+        target_at(0.0, 8.0), horizon=50, distance=8.0, noise=0.0, goal_radius=1.0, success_rule="final"
+    )
+    g = torch.Generator().manual_seed(0)
+    s = env.reset(2)
+    for t in range(12):  # row 0 flies on at 0.8 per step, row 1 stops at x = 8 (inside the disc)
+        a = torch.tensor([[0.8, 0.0], [0.8 if t < 10 else 0.0, 0.0]])
+        s, _ = env.step(s, a, g)
+        if t == 9:  # both at x = 8.0: inside the disc, and the episodes go on
+            assert s.success.tolist() == [True, True] and not s.done.any()
+    torch.testing.assert_close(s.pos[:, 0], torch.tensor([9.6, 8.0]))
+    assert s.reached.tolist() == [True, True]  # the reach rule counts both
+    assert s.success.tolist() == [False, True]  # the final position counts only the one that stayed
+    assert env.with_success_rule("reach").success_rule == "reach" and env.success_rule == "final"
+    with pytest.raises(ValueError, match="success_rule"):
+        SimpleNavigation(
+            target_at(0.0, 8.0), horizon=50, distance=8.0, noise=0.0, goal_radius=1.0, success_rule="x"
+        )

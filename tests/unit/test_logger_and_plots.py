@@ -1,22 +1,12 @@
-"""Run logging (jsonl + TensorBoard) and the plot tool that reads it."""
+"""Run logging (jsonl + TensorBoard). The plot tool is tested on a real run's output in tests/e2e/test_plot_run.py."""
 
-import importlib.util
 import json
 import os
 
 from megatron_opd.training.logger import RunLogger
 
 
-def _plot_tool():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "plot_run.py")
-    spec = importlib.util.spec_from_file_location("plot_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_logger_writes_phases_and_scalars_and_the_plot_tool_reads_them(tmp_path, capsys):
-    runs = []
+def test_logger_writes_phases_and_scalars(tmp_path, capsys):
     for name, h in (("opd", 40), ("popd", 10)):
         d = tmp_path / name
         log = RunLogger(log_dir=str(d), tensorboard_dir=str(d / "tb"), enabled=True, progress_bar=False)
@@ -29,13 +19,10 @@ def test_logger_writes_phases_and_scalars_and_the_plot_tool_reads_them(tmp_path,
                 {
                     "loss": 1.0 / (step + 1),
                     "horizon/end": float(h + step),
-                    "eval/toy/avg": 0.1 * step,
-                    "opd_by_position/topk_kl_00": 0.1,
-                    "opd_by_position/topk_kl_01": 0.3,
+                    "eval/toy/avg@4": 0.1 * step,
                 },
             )
         log.close()
-        runs.append(str(d))
         rows = [json.loads(x) for x in open(d / "metrics.jsonl")]
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert {"time/rollout_s", "time/teacher_s", "time/train_s", "time/sync_s", "memory/peak_gb"} <= rows[
@@ -43,13 +30,6 @@ def test_logger_writes_phases_and_scalars_and_the_plot_tool_reads_them(tmp_path,
         ].keys()
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(d / "tb"))
     assert "step     3 | loss=0.25" in capsys.readouterr().out
-    written = _plot_tool().plot_runs(runs, str(tmp_path / "plots"))
-    assert {os.path.basename(p) for p in written} == {
-        "accuracy.png",
-        "topk_kl_by_position.png",
-        "horizon.png",
-    }
-    assert all(os.path.getsize(p) > 1000 for p in written)
 
 
 def test_logger_disabled_on_other_ranks_writes_nothing(tmp_path):

@@ -161,5 +161,6 @@ def test_metrics_by_position_bucket():
     ] * 3 or all(x != x for x in position_bucket_means(v[:, :4], m[:, :4], 20, 4)[1:])
     out = distillation_metrics(v, m, topk_kl=v, entropy=v, max_length=10, num_buckets=2)
     assert out["opd/log_ratio_mean"] == pytest.approx((45 + 10) / 15)
-    assert out["opd_by_position/topk_kl_01"] == 7.0
+    assert out["opd_by_position/topk_kl_b01"] == 7.0
+    assert out["opd_by_position/kl_b01"] == -7.0 and out["opd_by_position/entropy_b00"] == 2.0
     assert out["opd/tokens"] == 15
