@@ -242,7 +242,6 @@ class DistributedWeightSync:
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.group: dist.ProcessGroup | None = None
         self._store: dist.Store | None = None
-        self._sock: socket.socket | None = None
         self.port: int | None = None  # the port the store listens on, once connected
         self.last_seconds: float | None = None
         self.last_bytes = 0
@@ -299,7 +298,7 @@ class DistributedWeightSync:
                     world,
                     True,
                     timedelta(seconds=self.timeout_s),
-                    master_listen_fd=sock.fileno(),
+                    master_listen_fd=sock.detach(),  # the store owns (and closes) the listening socket now
                 )
                 made["group"] = init_custom_process_group(
                     backend=self.backend,
@@ -331,7 +330,7 @@ class DistributedWeightSync:
             self._generation += 1
             sock.close()
             raise RolloutError(f"weight-sync group {self.group_name} could not be formed: {errors[0]}")
-        self.group, self._store, self._sock = made["group"], made["store"], sock
+        self.group, self._store = made["group"], made["store"]
         self.port = port
 
     def send(self, named_or_buckets) -> int:
@@ -434,10 +433,7 @@ class DistributedWeightSync:
         self._release_store()
 
     def _release_store(self) -> None:
-        self._store = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._store = None  # closes its listening socket
 
     def close(self) -> None:
         if self.group is not None:

@@ -236,24 +236,16 @@ def _launch_servers(run: Run) -> None:
     import dataclasses
     import threading
 
+    from megatron_opd.rollout.placement import make_launched_servers
     from megatron_opd.rollout.sglang_server import SGLangServer
 
     cfg = run.cfg
-    cuda = torch.cuda.is_available()
     wanted = [("rollout", cfg.rollout, cfg.model.hf_path), ("teacher", cfg.teacher, cfg.teacher.hf_path)]
-    log_dir = cfg.logging.log_dir or cfg.checkpoint.save
-    servers: dict[str, SGLangServer] = {}
-    for role, section, path in wanted:
-        if section.launch_server:
-            servers[role] = SGLangServer(
-                path,
-                device="cuda" if cuda else "cpu",
-                # fp32 on CPU: the logprob parity with the trainer (fp16 KV moved logprobs by up to 0.07).
-                dtype=cfg.model.params_dtype if cuda else "float32",
-                max_total_tokens=None if cuda else 8192,
-                extra_args=section.launch_args,
-                log_path=os.path.join(log_dir, f"sglang_{role}.log") if log_dir else None,
-            )
+    servers = make_launched_servers(
+        [(role, section.launch_args, path) for role, section, path in wanted if section.launch_server],
+        params_dtype=cfg.model.params_dtype,
+        log_dir=cfg.logging.log_dir or cfg.checkpoint.save,
+    )
     run.servers = list(servers.values())
     for srv in run.servers:
         atexit.register(srv.stop)  # also on a crash; stop() is idempotent
