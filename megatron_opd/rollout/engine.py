@@ -127,6 +127,7 @@ def build_rollout_engine(
         DiskWeightSync,
         DistributedWeightSync,
         resolve_sync_backend,
+        weight_sync_urls,
     )
 
     if cfg.weight_sync == "disk" and weight_sync_dir is None:
@@ -137,9 +138,14 @@ def build_rollout_engine(
     if not client.health():
         raise RuntimeError(f"SGLang rollout servers not healthy: {[redact_url(u) for u in cfg.sglang_urls]}")
     check_served_model(client, hf_path, "student (rollout)")
+    # The sync reaches every worker: an sglang-router URL stands for the workers it lists.
+    targets = weight_sync_urls(client.urls)
+    sync_client = (
+        client if targets == client.urls else _client(targets, 4, cfg.request_timeout_s, cfg.max_retries)
+    )
     if cfg.weight_sync == "distributed":
         sync = DistributedWeightSync(
-            client,
+            sync_client,
             master_address=cfg.sync_address[0] if cfg.sync_address else master_address,
             master_port=master_port or cfg.sync_port,
             backend=resolve_sync_backend(cfg.sync_backend),
@@ -147,7 +153,7 @@ def build_rollout_engine(
             timeout_s=cfg.request_timeout_s,
         )
     else:
-        sync = DiskWeightSync(client, hf_dir=hf_path, out_dir=weight_sync_dir)
+        sync = DiskWeightSync(sync_client, hf_dir=hf_path, out_dir=weight_sync_dir)
     return SGLangEngine(client, weight_sync=sync)
 
 

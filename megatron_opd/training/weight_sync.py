@@ -109,9 +109,11 @@ class TrainerWeightSync:
             DiskWeightSync,
             DistributedWeightSync,
             resolve_sync_backend,
+            weight_sync_urls,
         )
 
-        client = SGLangClient(list(urls), timeout_s=self.timeout_s, max_retries=self.cfg.max_retries)
+        targets = weight_sync_urls(list(urls))  # a router's workers in its place
+        client = SGLangClient(targets, timeout_s=self.timeout_s, max_retries=self.cfg.max_retries)
         if self.kind == "disk":
             return DiskWeightSync(client, hf_dir=hf_path, out_dir=weight_sync_dir)
         pp = self.info.pp_rank
@@ -134,7 +136,7 @@ class TrainerWeightSync:
             from megatron_opd.rollout.sglang_weights import open_update
 
             try:
-                open_update(self.engine.client, self.timeout_s)
+                open_update(self.sink.client, self.timeout_s)
             except Exception as e:  # noqa: BLE001 - every rank raises after the flag below
                 error = e
         self._check(error, "pausing the rollout servers", 0)
@@ -147,11 +149,11 @@ class TrainerWeightSync:
                 except Exception as e:  # noqa: BLE001
                     error = e
             elif self.controller and self.kind == "embedded":
-                sent = self._receive_stage(stage)
-            total += self._check(error, f"sending pipeline stage {stage}'s weights", sent, stage)
+                self._receive_stage(stage)  # its bytes are counted once, by the sender
+            total += self._check(error, f"sending pipeline stage {stage}'s weights", sent)
         if self.controller and self.kind != "embedded":
             error = self._finish()
-        self._check(error, "finishing the weight update on the rollout servers", 0)
+        self._check(error, "finishing the weight update on the rollout servers", 0, finish=False)
         if not self.controller:
             return {}
         seconds = time.perf_counter() - t0
@@ -162,32 +164,35 @@ class TrainerWeightSync:
             if self.kind == "distributed":
                 from megatron_opd.rollout.sglang_weights import close_update
 
-                close_update(self.engine.client, self.timeout_s)
+                close_update(self.sink.client, self.timeout_s)
             else:
                 self.sink.commit()
         except Exception as e:  # noqa: BLE001
             return e
         return None
 
-    def _check(self, error: BaseException | None, what: str, nbytes: int, stage: int | None = None) -> int:
-        """One all-reduce: did any rank fail (raise everywhere), and how many bytes moved (summed)."""
-        if self.info.world_size == 1:
-            if error is not None:
-                raise error
-            return nbytes
-        device = torch.device("cuda", torch.cuda.current_device()) if self.info.backend == "nccl" else "cpu"
-        flags = torch.tensor([float(error is not None), float(nbytes)], dtype=torch.float64, device=device)
-        dist.all_reduce(flags)
+    def _check(self, error: BaseException | None, what: str, nbytes: int, *, finish: bool = True) -> int:
+        """One all-reduce: did any rank fail (raise everywhere), and how many bytes moved (summed). On a failure
+        before the end, the controller first closes the servers' session (``finish``): they generate again, with
+        the old weights or a partly updated set, which the error says."""
+        failed = error is not None
+        if self.info.world_size > 1:
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if self.info.backend == "nccl" else "cpu"
+            )
+            flags = torch.tensor([float(failed), float(nbytes)], dtype=torch.float64, device=device)
+            dist.all_reduce(flags)
+            failed, nbytes = flags[0].item() > 0, int(flags[1].item())
+        if failed and finish and self.controller and self.kind == "distributed":
+            self._finish()  # best effort; its own failure would hide the first one
         if error is not None:
-            if self.controller and self.kind == "distributed" and stage is not None:
-                self._finish()  # best effort: let the servers generate again (with the old weights)
             raise error
-        if flags[0].item() > 0:
+        if failed:
             raise RolloutError(
                 f"weight sync failed while {what} on another rank (its own error, with the server it names, is "
-                "raised there)"
+                "raised there); the servers may hold a partly updated model until the next sync"
             )
-        return int(flags[1].item())
+        return nbytes
 
     def _weights(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         return iter_hf_weight_buckets(
@@ -206,10 +211,12 @@ class TrainerWeightSync:
                 return self.sink.send(buckets)
             if self.kind == "disk":
                 return self.sink.write(buckets, part=stage)
-            if stage == 0:  # rank 0 itself: straight into the in-process engine
-                pairs = [p for b in buckets for p in b]
-                self.engine.update_weights(pairs)
-                return sum(t.numel() * t.element_size() for _, t in pairs)
+            if stage == 0:  # rank 0 itself: straight into the in-process engine, bucket by bucket
+                sent = 0
+                for bucket in buckets:
+                    self.engine.update_weights(bucket)
+                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                return sent
             return self._send_to_controller(buckets)
         finally:
             # After a failure the TP peers are still gathering: finish the walk so they are not left waiting.

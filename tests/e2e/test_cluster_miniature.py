@@ -9,6 +9,9 @@ each server scores a fixed sequence exactly as the run's final weights do (its c
 scored in fp32 in-process), which differ from the initial weights' scores: both servers were really moved, by
 both stages.
 
+Last, an ``sglang-router`` (when installed) in front of both servers: rollouts through it, and a weight sync
+given only its URL reaches both workers.
+
 Cost: two server starts (~30 s each unloaded, in parallel here) and two trainer processes. Tolerance 1e-3
 nats max abs, as the one-server test (tests/e2e/test_sglang_training.py): fp32 everywhere, different kernels.
 """
@@ -186,3 +189,78 @@ def test_both_servers_serve_the_final_weights_of_both_stages(run):
     assert moved > 20 * ATOL
     for url_scores in run["after"]:
         assert _maxdiff(url_scores, run["final"]) <= ATOL
+
+
+def _router_binary() -> str | None:
+    """``sglang-router`` ($OPD_SGLANG_ROUTER, else ``.venv-router/bin/sglang-router``), or None if not installed."""
+    path = os.environ.get("OPD_SGLANG_ROUTER") or str(REPO / ".venv-router" / "bin" / "sglang-router")
+    return path if os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def router(servers, run, tmp_path_factory):
+    """An ``sglang-router`` on 127.0.0.5 in front of both servers (after the run: it reuses the servers)."""
+    import time
+
+    import requests
+
+    binary = _router_binary()
+    if binary is None:
+        pytest.skip(
+            "sglang-router not installed (pip install sglang-router into .venv-router, or set OPD_SGLANG_ROUTER)"
+        )
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("router") / "router.log", "w")  # noqa: SIM115 - closed below
+    cmd = [
+        binary,
+        "launch",
+        "--host",
+        "127.0.0.5",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *[s.url for s in servers],
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.5:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the router registers its workers asynchronously
+            try:
+                workers = requests.get(url + "/workers", timeout=2).json().get("workers", [])
+                if sum(bool(w.get("is_healthy")) for w in workers) == len(servers):
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"sglang-router at {url} did not list both workers in 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_a_router_url_serves_rollouts_and_the_sync_reaches_its_workers(router, servers, run, pair):
+    """Generation through the router works (its answers carry the trained weights' logprobs); a weight sync given
+    only the router's URL reaches both workers behind it (the initial weights sent back, each worker scores
+    them)."""
+    from megatron_opd.config.tree import RolloutConfig
+    from megatron_opd.rollout.decoder import load_hf_state_dict
+    from megatron_opd.rollout.engine import build_rollout_engine
+
+    assert _maxdiff(_server_logprobs(router), run["final"]) <= ATOL
+    cfg = RolloutConfig(
+        backend="sglang", sglang_urls=[router], weight_sync="distributed", request_timeout_s=120
+    )
+    engine = build_rollout_engine(cfg, hf_path=str(pair / "student"))
+    assert sorted(engine.weight_sync.client.urls) == sorted(s.url for s in servers)
+    res = engine.generate([[5, 9, 13], [7, 2]], n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0)
+    assert len(res.response_ids) == 4 and all(1 <= len(r) <= 6 for r in res.response_ids)
+    try:
+        engine.update_weights(load_hf_state_dict(str(pair / "student")).items())
+    finally:
+        engine.weight_sync.close()
+    for s, before in zip(servers, run["before"]):
+        assert _maxdiff(_server_logprobs(s.url), before) <= ATOL  # both workers back on the initial weights

@@ -25,6 +25,7 @@ from megatron_opd.rollout.sglang_weights import (
     listen_socket,
     resolve_sync_backend,
     server_ranks,
+    weight_sync_urls,
 )
 from megatron_opd.rollout.types import RolloutError
 
@@ -77,8 +78,12 @@ def _fake_worker(conn, info: dict, fail_updates: int) -> None:
         def do_GET(self):
             if self.path == "/calls":
                 self._json(200, {"calls": calls, "received": received})
-            elif self.path in ("/server_info", "/get_server_info") and info:
+            elif self.path == "/workers" and "workers" in info:  # an sglang-router's listing
+                self._json(200, {"workers": [{"url": u, "is_healthy": True} for u in info["workers"]]})
+            elif self.path in ("/server_info", "/get_server_info") and "tp_size" in info:
                 self._json(200, info)
+            elif self.path == "/get_server_info" and "workers" in info:  # what the router answers there
+                self._json(200, {"router_manager": True, "workers_count": len(info["workers"])})
             else:
                 self._json(404, {"detail": "Not Found"})
 
@@ -152,6 +157,13 @@ def test_backend_auto_follows_cuda():
             resolve_sync_backend("nccl")
 
 
+def test_a_router_stands_for_the_workers_it_lists(worker_factory):
+    a, b = worker_factory(), worker_factory(info={"tp_size": 2})
+    router = worker_factory(info={"workers": [a.url, b.url + "/"]})
+    assert weight_sync_urls([router.url, a.url]) == [a.url, b.url]  # each worker once, in listed order
+    assert server_ranks(SGLangClient(weight_sync_urls([router.url]))) == [1, 2]
+
+
 def test_server_ranks_come_from_server_info(worker_factory):
     a, b = worker_factory(info={"tp_size": 2, "dp_size": 1}), worker_factory(info={"tp_size": 1})
     assert server_ranks(SGLangClient([a.url, b.url])) == [2, 1]
@@ -161,6 +173,7 @@ def test_server_ranks_come_from_server_info(worker_factory):
     "info, match",
     [
         ({}, r"no tp_size .*sglang-router.*list each worker"),
+        ({"workers": []}, r"no tp_size .*sglang-router listing no workers"),
         ({"tp_size": 1, "dp_size": 2}, r"dp_size 2.*one server per replica"),
         ({"tp_size": 1, "pp_size": 2}, r"pp_size 2"),
     ],
