@@ -177,6 +177,7 @@ def test_two_nodes_train_and_log_every_sync(run):
     steps = [s for s in run["steps"] if "train/loss" in s]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     for s in steps:
+        print(f"step {s['step']}: sync {s['sync/seconds']:.3f} s, {s['sync/gb_per_s']:.5f} GB/s")
         assert s["sync/seconds"] > 0  # each step's weights were sent ...
         assert s["sync/gb_per_s"] > 0  # ... and bytes were counted over both stages
         assert 1 <= s["rollout/response_length_max"] <= s["horizon/end"]
