@@ -123,11 +123,11 @@ def build_rollout_engine(
 
         return EmbeddedEngine.from_hf_dir(hf_path, dtype=dtype)
     from megatron_opd.rollout.sglang_engine import SGLangEngine
+    from megatron_opd.rollout.sglang_topology import weight_sync_urls
     from megatron_opd.rollout.sglang_weights import (
         DiskWeightSync,
         DistributedWeightSync,
         resolve_sync_backend,
-        weight_sync_urls,
     )
 
     if cfg.weight_sync == "disk" and weight_sync_dir is None:

@@ -105,11 +105,11 @@ class TrainerWeightSync:
     def _own_sink(self, urls: Sequence[str], hf_path: str, weight_sync_dir: str):
         """A later stage's sender: its own client of the servers and its own group (or its own file)."""
         from megatron_opd.rollout.sglang_client import SGLangClient
+        from megatron_opd.rollout.sglang_topology import weight_sync_urls
         from megatron_opd.rollout.sglang_weights import (
             DiskWeightSync,
             DistributedWeightSync,
             resolve_sync_backend,
-            weight_sync_urls,
         )
 
         targets = weight_sync_urls(list(urls))  # a router's workers in its place

@@ -18,14 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_opd.rollout.sglang_client import SGLangClient
+from megatron_opd.rollout.sglang_topology import server_ranks, weight_sync_urls
 from megatron_opd.rollout.sglang_weights import (
     DistributedWeightSync,
     default_sync_address,
     init_custom_process_group,
     listen_socket,
     resolve_sync_backend,
-    server_ranks,
-    weight_sync_urls,
 )
 from megatron_opd.rollout.types import RolloutError
 
