@@ -194,6 +194,17 @@ class RolloutConfig:
     """Retries per request, with exponential backoff, before the step fails naming the server."""
     weight_sync: Literal["distributed", "disk"] = "distributed"
     """How new student weights reach SGLang: a collective broadcast, or a checkpoint the server reloads."""
+    sync_address: list[str] = field(default_factory=list)
+    """weight_sync 'distributed': the address of the sending trainer rank that the servers dial (its store binds
+    this address only). Empty: loopback when every sglang_urls host is loopback, else the address of this node
+    that routes to the first server. One address: used by every pipeline stage's sender (all on one node). One per
+    pipeline stage: stage p's sender (on its own node) uses entry p."""
+    sync_port: int = 0
+    """weight_sync 'distributed': stage p's sender listens on sync_port + p; 0 picks a free port per sender."""
+    sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Backend of the weight-sync group: 'auto' is NCCL with CUDA (tensors sent from GPU memory), gloo without."""
+    sync_bucket_mb: int = 256
+    """Megabytes of weights announced per /update_weights_from_distributed request (one bucket)."""
     launch_server: bool = False
     """backend 'sglang': rank 0 starts an SGLang server for model.hf_path on loopback at start-up (.venv-sglang;
     fp32 on CPU), uses it as sglang_urls and stops it at exit. One node only; at scale start servers yourself."""
@@ -212,6 +223,11 @@ class RolloutConfig:
             if not url.startswith(("http://", "https://")):
                 fail("rollout.sglang_urls", url, "URLs starting with http:// or https://")
         _check_launch("rollout", self.launch_server, self.backend, self.sglang_urls)
+        for addr in self.sync_address:
+            if not addr or "/" in addr or addr.count(":") == 1:  # one colon: host:port (IPv6 has several)
+                fail("rollout.sync_address", addr, "bare host addresses (no scheme, no port: see sync_port)")
+        check_range("rollout.sync_port", self.sync_port, 0, 65535)
+        check_range("rollout.sync_bucket_mb", self.sync_bucket_mb, 1)
 
 
 @dataclass(kw_only=True)

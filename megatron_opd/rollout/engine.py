@@ -124,15 +124,24 @@ def build_rollout_engine(
     """The student engine of ``cfg.backend`` on the model at ``hf_path`` (embedded: on ``device`` in ``dtype``).
 
     sglang: servers at ``cfg.sglang_urls`` must already serve ``hf_path`` (health is checked now); weight sync per
-    ``cfg.weight_sync``: 'distributed' forms a group with this process as rank 0 at ``master_address`` (a free port
-    unless ``master_port``), 'disk' needs ``weight_sync_dir`` (checked here rather than at the first sync). The distributed group is formed lazily at the first sync (the trainer may not be ready before).
+    ``cfg.weight_sync``: 'distributed' forms a group with this process as its sending rank 0, listening on
+    ``cfg.sync_address[0]`` if set, else ``master_address`` (an address of this host the servers can reach:
+    loopback only when they run on this node), port ``master_port`` or ``cfg.sync_port`` (0: a free one), backend
+    ``cfg.sync_backend``; each server's TP size is read from it. 'disk' needs ``weight_sync_dir`` (checked here
+    rather than at the first sync). The distributed group is formed lazily at the first sync (the trainer may not
+    be ready before).
     """
     if cfg.backend == "embedded":
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine.from_hf_dir(hf_path, dtype=dtype, device=device)
     from megatron_opd.rollout.sglang_engine import SGLangEngine
-    from megatron_opd.rollout.sglang_weights import DiskWeightSync, DistributedWeightSync
+    from megatron_opd.rollout.sglang_topology import weight_sync_urls
+    from megatron_opd.rollout.sglang_weights import (
+        DiskWeightSync,
+        DistributedWeightSync,
+        resolve_sync_backend,
+    )
 
     if cfg.weight_sync == "disk" and weight_sync_dir is None:
         raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
@@ -147,15 +156,22 @@ def build_rollout_engine(
             "check that they run and that rollout.sglang_urls points at them"
         )
     check_served_model(client, hf_path, "student (rollout)")
+    # The sync reaches every worker: an sglang-router URL stands for the workers it lists.
+    targets = weight_sync_urls(client.urls)
+    sync_client = (
+        client if targets == client.urls else _client(targets, 4, cfg.request_timeout_s, cfg.max_retries)
+    )
     if cfg.weight_sync == "distributed":
-        from megatron_opd.rollout.sglang_server import free_port
-
-        # This process is rank 0 and hosts the group's store: any free port here works. ``master_address`` must
-        # be an address of this host the servers can reach (loopback only when they run on this node).
-        port = master_port or free_port()
-        sync = DistributedWeightSync(client, master_address=master_address, master_port=port)
+        sync = DistributedWeightSync(
+            sync_client,
+            master_address=cfg.sync_address[0] if cfg.sync_address else master_address,
+            master_port=master_port or cfg.sync_port,
+            backend=resolve_sync_backend(cfg.sync_backend),
+            bucket_bytes=cfg.sync_bucket_mb << 20,
+            timeout_s=cfg.request_timeout_s,
+        )
     else:
-        sync = DiskWeightSync(client, hf_dir=hf_path, out_dir=weight_sync_dir)
+        sync = DiskWeightSync(sync_client, hf_dir=hf_path, out_dir=weight_sync_dir)
     return SGLangEngine(client, weight_sync=sync)
 
 

@@ -55,7 +55,9 @@ class SGLangClient:
     """Calls SGLang's native HTTP API on ``urls``.
 
     ``max_concurrency`` requests in flight per server; ``timeout_s`` per attempt; ``max_retries`` further attempts
-    per request, each after ``backoff_s * 2**attempt`` seconds and on the next server in the list.
+    per request, each after ``backoff_s * 2**attempt`` seconds. Each attempt goes to the server with the fewest
+    requests outstanding from this client (ties in turn), a retry to one not yet tried for that request while
+    there is one: a slow or dead server stops drawing work, and the others absorb it.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class SGLangClient:
         self._local = threading.local()
         self._next = 0
         self._lock = threading.Lock()
+        self.outstanding = dict.fromkeys(self.urls, 0)  # requests in flight per server (dispatch, tests)
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
@@ -95,38 +98,62 @@ class SGLangClient:
             return {"text": r.text}  # some control routes (/flush_cache) answer plain text
         return r.json()
 
+    def _acquire(self, tried: set[str]) -> str:
+        """The server with the fewest outstanding requests (not yet ``tried`` if any is left), now one more."""
+        with self._lock:
+            pool = [u for u in self.urls if u not in tried] or self.urls
+            n = len(self.urls)
+            # Scan from a rotating start so equal loads take turns instead of all landing on the first URL.
+            order = [self.urls[(self._next + i) % n] for i in range(n)]
+            target = min((u for u in order if u in pool), key=lambda u: self.outstanding[u])
+            self._next = (self.urls.index(target) + 1) % n
+            self.outstanding[target] += 1
+            return target
+
+    def _release(self, target: str) -> None:
+        with self._lock:
+            self.outstanding[target] -= 1
+
     def post(
-        self, path: str, payload: dict[str, Any], *, url: str | None = None, timeout_s: float | None = None
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        url: str | None = None,
+        timeout_s: float | None = None,
+        retry: bool = True,
     ) -> Any:
-        """POST with retries. ``url`` pins one server (weight updates); otherwise servers rotate per request."""
+        """POST with retries. ``url`` pins one server (weight updates); otherwise the least loaded server takes
+        it. ``retry=False``: one attempt only, for collective routes (a blind retry could hang the group)."""
         timeout_s = timeout_s or self.timeout_s
-        if url is None:
-            with self._lock:
-                start = self._next
-                self._next = (self._next + 1) % len(self.urls)
-        else:
-            start = self.urls.index(url.rstrip("/"))
+        pinned = None if url is None else self.urls[self.urls.index(url.rstrip("/"))]
+        attempts = self.max_retries + 1 if retry else 1
         who = " ".join(filter(None, ("SGLang", self.role, "server")))
         errors: list[tuple[str, BaseException]] = []
-        for attempt in range(self.max_retries + 1):
-            target = self.urls[(start + attempt) % len(self.urls)] if url is None else self.urls[start]
+        tried: set[str] = set()
+        for attempt in range(attempts):
+            target = pinned or self._acquire(tried)
+            tried.add(target)
             try:
                 return self._post_once(target, path, payload, timeout_s)
             except _Fatal as e:
                 raise RolloutError(f"{who} {redact_url(target)}{path} rejected the request: {e}") from None
             except (requests.RequestException, ValueError) as e:
                 errors.append((redact_url(target), e))
-                if attempt < self.max_retries:
-                    time.sleep(self.backoff_s * 2**attempt)
+            finally:
+                if pinned is None:
+                    self._release(target)
+            if attempt < attempts - 1:
+                time.sleep(self.backoff_s * 2**attempt)
         last_url, last = errors[-1]
-        tried = sorted({u for u, _ in errors})
         kinds: dict[str, int] = {}
         for _, e in errors:
             kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
         raise RolloutError(
-            f"{who} request {path} failed after {len(errors)} attempts; last error from {last_url}: "
-            f"{_short_error(last)}; tried {', '.join(tried)} ({timeout_s:g} s timeout each, backoff from "
-            f"{self.backoff_s:g} s doubling); errors: {', '.join(f'{n}x {k}' for k, n in kinds.items())}"
+            f"{who} request {path} failed after {len(errors)} attempt{'s' if len(errors) > 1 else ''}; last error "
+            f"from {last_url}: {_short_error(last)}; tried {', '.join(sorted({u for u, _ in errors}))} "
+            f"({timeout_s:g} s timeout each, backoff from {self.backoff_s:g} s doubling); errors: "
+            f"{', '.join(f'{n}x {k}' for k, n in kinds.items())}"
         )
 
     def map(self, path: str, payloads: Sequence[dict[str, Any]]) -> list[Any]:
@@ -149,10 +176,20 @@ class SGLangClient:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def post_all(self, path: str, payload: dict[str, Any], *, timeout_s: float | None = None) -> list[Any]:
-        """The same POST to every server (flush_cache, update_weights_from_disk...), in parallel."""
+    def post_all(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        retry: bool = True,
+    ) -> list[Any]:
+        """The same POST to every server in parallel (flush_cache, update_weights_from_disk...)."""
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            futs = [pool.submit(self.post, path, payload, url=u, timeout_s=timeout_s) for u in self.urls]
+            futs = [
+                pool.submit(self.post, path, payload, url=u, timeout_s=timeout_s, retry=retry)
+                for u in self.urls
+            ]
             return [f.result() for f in futs]
 
     def get(self, path: str, *, url: str, timeout_s: float = 5.0) -> requests.Response:

@@ -53,7 +53,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         R.check_finite(run, step, result)
         if not result.skipped:
             with log.phase("sync", step):
-                stats["sync/seconds"] = R.sync_weights(run)
+                stats.update(R.sync_weights(run))  # sync/seconds, sync/gb_per_s
 
         scalars = R.step_scalars(run, step, result, stats)
         done = step + 1

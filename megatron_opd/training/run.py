@@ -6,10 +6,10 @@ the rollout engine and the teacher, the data sampler, the horizon schedule, logg
 
 Placement. Rank 0 is the controller: it drives the rollout engine and the teacher (in-process, or clients of
 SGLang servers), then hands the scored rollouts over as tensors (``training/handover.py``): each data-parallel
-rank receives only its share, already cut into micro-batches for Megatron's schedule. After each optimizer step the student's weights are gathered in their
-HF names (TP shards joined, pipeline stages sent to rank 0) and loaded into the rollout engine, so the next
-rollouts are on-policy. Everything random is seeded from (train.seed, step), so a resumed run repeats an
-uninterrupted one.
+rank receives only its share, already cut into micro-batches for Megatron's schedule. After each optimizer step
+each pipeline stage's first rank sends its own layers, in their HF names (TP shards joined), to the rollout engine
+(``training/weight_sync.py``), so the next rollouts are on-policy. Everything random is seeded from
+(train.seed, step), so a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from megatron_opd.data.sampler import PromptBatch, PromptSampler
 from megatron_opd.data.tokenizer import load_tokenizer
 from megatron_opd.loss.metrics import position_bucket_scalars
 from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
-from megatron_opd.model.hf_conversion.live import iter_hf_weights, load_hf_weights
+from megatron_opd.model.hf_conversion.live import load_hf_weights
 from megatron_opd.parallel.state import ParallelInfo, initialize_parallel
 from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine, build_teacher_scorer
 from megatron_opd.rollout.types import RolloutResult
@@ -50,6 +50,7 @@ from megatron_opd.training.logger import RunLogger
 from megatron_opd.training.optimizer import TrainingObjects, setup_training
 from megatron_opd.training.preflight import check_run_inputs
 from megatron_opd.training.step import StepResult, TrainStep
+from megatron_opd.training.weight_sync import TrainerWeightSync, stage_sync_address
 from megatron_opd.utils.errors import OPDError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Run:
     nonfinite_streak: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     servers: list[Any] = field(default_factory=list)  # SGLang servers this run launched (rank 0)
+    weight_sync: TrainerWeightSync | None = None  # every rank: its part in sending weights to the engine
 
     @property
     def is_controller(self) -> bool:
@@ -164,9 +166,35 @@ def setup_run(cfg: OPDConfig) -> Run:
             f"{info.backend}); {len(dataset)} prompts ({dataset.num_too_long} over max_prompt_length skipped); "
             f"{total} steps; horizon {schedule_summary(cfg.horizon)}; loss impl {cfg.loss.impl}"
         )
+    _build_weight_sync(run)
     _resume(run)
     sync_weights(run)  # the engine serves exactly the trainer's weights from the first rollout on
     return run
+
+
+def _build_weight_sync(run: Run) -> None:
+    """Every rank's part in the weight sync; the servers' URLs (launched ones known on rank 0 only) go to all."""
+    cfg = run.cfg
+    urls = [list(cfg.rollout.sglang_urls)]
+    if run.info.world_size > 1 and cfg.rollout.backend == "sglang":
+        dist.broadcast_object_list(urls, src=0)  # a few strings, once
+    run.weight_sync = TrainerWeightSync(
+        cfg.rollout,
+        run.info,
+        model_chunks=run.training.model,
+        model_cfg=run.model_cfg,
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        cp_rank=mpu.get_context_parallel_rank(),
+        engine=run.engine,
+        urls=urls[0],
+        hf_path=cfg.model.hf_path,
+        weight_sync_dir=_weight_sync_dir(cfg),
+        timeout_s=cfg.rollout.request_timeout_s,
+    )
+
+
+def _weight_sync_dir(cfg: OPDConfig) -> str:
+    return os.path.join(cfg.checkpoint.save or ".", "weight_sync")
 
 
 def _build_engines(run: Run) -> None:
@@ -186,7 +214,12 @@ def _build_engines(run: Run) -> None:
         hf_path=cfg.model.hf_path,
         dtype=engine_dtype,
         device=engine_device,
-        weight_sync_dir=os.path.join(cfg.checkpoint.save or ".", "weight_sync"),
+        weight_sync_dir=_weight_sync_dir(cfg),
+        master_address=(
+            stage_sync_address(cfg.rollout, 0, run.info.pp_size, cfg.rollout.sglang_urls)
+            if cfg.rollout.backend == "sglang"
+            else "127.0.0.1"
+        ),
     )
     run.teacher = build_teacher_scorer(
         cfg.teacher,
@@ -214,24 +247,16 @@ def _launch_servers(run: Run) -> None:
     import dataclasses
     import threading
 
+    from megatron_opd.rollout.placement import make_launched_servers
     from megatron_opd.rollout.sglang_server import SGLangServer
 
     cfg = run.cfg
-    cuda = torch.cuda.is_available()
     wanted = [("rollout", cfg.rollout, cfg.model.hf_path), ("teacher", cfg.teacher, cfg.teacher.hf_path)]
-    log_dir = cfg.logging.log_dir or cfg.checkpoint.save
-    servers: dict[str, SGLangServer] = {}
-    for role, section, path in wanted:
-        if section.launch_server:
-            servers[role] = SGLangServer(
-                path,
-                device="cuda" if cuda else "cpu",
-                # fp32 on CPU: the logprob parity with the trainer (fp16 KV moved logprobs by up to 0.07).
-                dtype=cfg.model.params_dtype if cuda else "float32",
-                max_total_tokens=None if cuda else 8192,
-                extra_args=section.launch_args,
-                log_path=os.path.join(log_dir, f"sglang_{role}.log") if log_dir else None,
-            )
+    servers = make_launched_servers(
+        [(role, section.launch_args, path) for role, section, path in wanted if section.launch_server],
+        params_dtype=cfg.model.params_dtype,
+        log_dir=cfg.logging.log_dir or cfg.checkpoint.save,
+    )
     run.servers = list(servers.values())
     for srv in run.servers:
         atexit.register(srv.stop)  # also on a crash; stop() is idempotent
@@ -259,7 +284,12 @@ def _launch_servers(run: Run) -> None:
 
 
 def close(run: Run) -> None:
-    """End of a run: leave the weight-sync group with the servers and stop the servers this run launched."""
+    """End of a run: leave the weight-sync groups with the servers and stop the servers this run launched."""
+    if run.weight_sync is not None:
+        try:
+            run.weight_sync.close()  # a later stage's own group (rank 0's is the engine's, below)
+        except Exception as e:  # noqa: BLE001 - a server already gone must not fail a finished run
+            logger.warning("closing the weight-sync group failed: %s", e)
     sync = getattr(run.engine, "weight_sync", None)
     if sync is not None and hasattr(sync, "close"):
         try:
@@ -409,29 +439,10 @@ def check_finite(run: Run, step: int, result: StepResult) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # weights, evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------------------
-def gather_hf_weights(run: Run) -> list[tuple[str, torch.Tensor]] | None:
-    """The student's full weights in HF names on rank 0 (None elsewhere). Collective over all ranks."""
-    model_cfg = run.model_cfg
-    mine: list[tuple[str, torch.Tensor]] = []
-    if run.info.dp_rank == 0:
-        for name, tensor in iter_hf_weights(
-            run.training.model, model_cfg, tp_group=mpu.get_tensor_model_parallel_group()
-        ):
-            if run.info.tp_rank == 0:
-                mine.append((name, tensor.detach().to("cpu", copy=True)))
-    if run.info.pp_size == 1:
-        return mine if run.is_controller else None
-    parts: list[Any] = [None] * run.info.world_size
-    dist.all_gather_object(parts, mine)
-    return [pair for part in parts for pair in part] if run.is_controller else None
-
-
-def sync_weights(run: Run) -> float:
-    """Load the trainer's current weights into the rollout engine; returns seconds (rank 0) or 0."""
-    weights = gather_hf_weights(run)
-    if not run.is_controller:
-        return 0.0
-    return run.engine.update_weights(weights)
+def sync_weights(run: Run) -> dict[str, float]:
+    """Load the trainer's current weights into the rollout engine (collective); rank 0 gets the sync's
+    ``sync/seconds`` and ``sync/gb_per_s``, the other ranks {}."""
+    return run.weight_sync.sync()
 
 
 def evaluate(run: Run, step: int, *, teacher: bool = False) -> dict[str, float]:

@@ -117,6 +117,10 @@ def test_dump_yaml_round_trips(tmp_path):
             "allowed: no rollout.sglang_urls",
         ),  # fmt: skip
         (["--teacher.backend", "sglang", "--teacher.launch_server", "true"], "teacher.hf_path set"),
+        (["--rollout.sync_address", "10.0.0.1:29600"], "'rollout.sync_address': got '10.0.0.1:29600'"),
+        (["--rollout.sync_address", "http://10.0.0.1"], "bare host addresses"),
+        (["--rollout.sync_port", "70000"], "'rollout.sync_port': got 70000"),
+        (["--rollout.sync_backend", "mpi"], "'rollout.sync_backend'"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(argv, needle):
