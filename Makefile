@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sglang-env gpu-env test test-fast lint format bench gpu-check gpu-check-dry-run clean
+.PHONY: setup sglang-env router-env gpu-env test test-fast lint format bench gpu-check gpu-check-dry-run clean
 
 setup: $(STAMP)
 
@@ -50,8 +50,18 @@ $(GPU_STAMP): setup.py requirements/gpu.txt requirements/gpu-te.txt
 	  print('gpu-env: torch', torch.__version__, 'triton', triton.__version__, 'sglang', sglang.__version__)"
 	touch $(GPU_STAMP)
 
+# sglang-router (SGLang's load balancer, a compiled binary with no torch) in its own small environment, for the
+# miniature-cluster test of a router URL used as a server (tests/e2e/test_cluster_miniature.py).
+ROUTER_STAMP := .venv-router/.installed
+router-env: $(ROUTER_STAMP)
+
+$(ROUTER_STAMP):
+	$(PY) -m venv .venv-router
+	.venv-router/bin/python -m pip install -q sglang-router==0.3.2
+	touch $(ROUTER_STAMP)
+
 # The whole suite; exit code 5 (no tests collected) is a failure, not a pass.
-test: setup sglang-env
+test: setup sglang-env router-env
 	$(VPY) -m pytest tests -q -rs --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -77,4 +87,4 @@ gpu-check-dry-run: setup
 	PY=$(VPY) bash benchmarks/gpu_check.sh --dry-run
 
 clean:
-	rm -rf $(VENV) $(SGL_VENV) $(GPU_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) $(GPU_VENV) .venv-router build *.egg-info .pytest_cache .ruff_cache
