@@ -226,11 +226,19 @@ class Decoder:
         S = cache_start + L
         x = F.embedding(input_ids, p["model.embed_tokens.weight"])
         cos, sin = self._rope(positions)
-        q_idx = torch.arange(cache_start, S, device=self.device)
-        causal = q_idx[:, None] >= torch.arange(S, device=self.device)[None, :]  # [L, S]
-        mask = causal[None, None] & key_valid[:, None, None, :S]  # [B, 1, L, S]
-        # A query whose keys are all masked (a pad row) would give NaN; let it see itself (its output is ignored).
-        mask = mask | (~mask.any(-1, keepdim=True) & (q_idx[:, None] == torch.arange(S, device=self.device)))
+        if L == 1 and bool(key_valid[:, S - 1].all()):
+            # One decode step whose own key is valid (the engine's case): causality allows every key up to it and
+            # no row is left without a key, so the mask is the validity row (the general path's result, a few
+            # tensor ops cheaper, which counts at one call per generated token).
+            mask = key_valid[:, None, None, :S]
+        else:
+            q_idx = torch.arange(cache_start, S, device=self.device)
+            causal = q_idx[:, None] >= torch.arange(S, device=self.device)[None, :]  # [L, S]
+            mask = causal[None, None] & key_valid[:, None, None, :S]  # [B, 1, L, S]
+            # A query whose keys are all masked (a pad row) would give NaN; let it see itself (output ignored).
+            mask = mask | (
+                ~mask.any(-1, keepdim=True) & (q_idx[:, None] == torch.arange(S, device=self.device))
+            )
         for i in range(c.num_layers):
             pre = f"model.layers.{i}."
             h = _rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)

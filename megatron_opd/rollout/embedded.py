@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from megatron_opd.loss import reference
+from megatron_opd.parallel.cpu_compat import without_redirects
 from megatron_opd.rollout.decoder import Decoder, KVCache
 from megatron_opd.rollout.types import RolloutResult, check_generate_args
 
@@ -76,7 +77,7 @@ def _sample(
     """
     if temperature == 0.0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     order = None
     if top_p < 1.0:
         probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -124,6 +125,7 @@ class EmbeddedEngine:
     def health(self) -> bool:
         return True
 
+    @without_redirects
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterable[list]) -> float:
         """Copy HF-named tensors (or buckets of them) into the decoder in place. Returns seconds taken."""
         t0 = time.perf_counter()
@@ -133,6 +135,7 @@ class EmbeddedEngine:
         )
         return time.perf_counter() - t0
 
+    @without_redirects
     @torch.no_grad()
     def generate(
         self,
