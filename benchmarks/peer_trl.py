@@ -15,8 +15,8 @@ mean. It repeats no prompt itself (``mini_repeat_count=1``), so the prompt file 
 Optimiser: AdamW with weight decay 0 (= Adam), constant lr, gradient-norm clip; fp32 (``bf16=False``); gradient
 checkpointing off (TRL turns it on by default; at this size it only costs time).
 
-Timing: training wall-clock from the start of the first step, with the saving of the evaluation snapshots taken
-out. Per phase: ``rollout`` (``_generate``), ``teacher`` (the teacher's forward), ``train`` (the rest of the step).
+Timing: training wall-clock (and CPU seconds of this process) from the start of the first step, with the saving
+of the evaluation snapshots taken out. Per phase: ``rollout`` (``_generate``), ``teacher`` (the teacher's forward), ``train`` (the rest of the step).
 
 Usage (normally called by bench_peers.py):
   .venv-trl/bin/python benchmarks/peer_trl.py --student DIR --teacher DIR --prompts FILE.jsonl --steps 100
@@ -125,14 +125,14 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer._generate, trainer._get_last_hidden_state = timed_generate, timed_hidden
     save_steps = {int(s) for s in args.save_steps.split(",") if s}
-    clock = {"train": 0.0, "mark": 0.0}
+    clock = {"train": 0.0, "mark": 0.0, "cpu": 0.0, "cpu_mark": 0.0}
     curve: list[dict[str, float]] = []
     steps: list[dict[str, float]] = []
 
     def snapshot(model, step: int) -> None:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         torch.save(state, os.path.join(args.out, f"step_{step}.pt"))
-        curve.append({"step": step, "train_s": clock["train"]})
+        curve.append({"step": step, "train_s": clock["train"], "cpu_s": clock["cpu"]})
 
     class Clock(TrainerCallback):
         """Training wall-clock between steps; snapshot saving happens off the clock."""
@@ -140,22 +140,23 @@ def main(argv: list[str] | None = None) -> None:
         def on_train_begin(self, targs, state, control, model=None, **kw):
             if 0 in save_steps:
                 snapshot(model, 0)
-            clock["mark"] = time.perf_counter()
+            clock["mark"], clock["cpu_mark"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, targs, state, control, model=None, **kw):
-            now = time.perf_counter()
+            now, cpu_now = time.perf_counter(), time.process_time()
             dt = now - clock["mark"]
             clock["train"] += dt
+            clock["cpu"] += cpu_now - clock["cpu_mark"]
             steps.append({"step": state.global_step, "step_s": dt, **phases})
             phases.update(rollout=0.0, teacher=0.0)
             if state.global_step in save_steps:
                 snapshot(model, state.global_step)
-            clock["mark"] = time.perf_counter()
+            clock["mark"], clock["cpu_mark"] = time.perf_counter(), time.process_time()
 
     trainer.add_callback(Clock())
     trainer.train()
     with open(os.path.join(args.out, "timing.json"), "w", encoding="utf-8") as f:
-        json.dump({"steps": steps, "curve": curve, "train_s": clock["train"]}, f)
+        json.dump({"steps": steps, "curve": curve, "train_s": clock["train"], "cpu_s": clock["cpu"]}, f)
 
 
 if __name__ == "__main__":

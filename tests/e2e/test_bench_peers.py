@@ -39,6 +39,7 @@ def _check_ours(ours):
     # Evaluation is off the clock: the first evaluation comes before any training step.
     assert curve[0]["train_s"] < 0.5
     assert curve[0]["train_s"] < curve[1]["train_s"] < curve[2]["train_s"]
+    assert curve[0]["cpu_s"] < curve[1]["cpu_s"] < curve[2]["cpu_s"]
     assert all(0.0 <= p["avg"] <= 1.0 for p in curve)
     # The phases are inside the training wall-clock, evaluation is not: their sum can only be the smaller.
     assert 0 < sum(ours["phases"].values()) <= ours["train_s"]
@@ -62,7 +63,7 @@ def test_bench_peers_trl_quick(tmp_path):
     ours, peer = results[seed]["ours"], results[seed]["peer"]
     _check_ours(ours)
     assert [p["step"] for p in peer["curve"]] == [0, 2, 4]
-    assert peer["steps"] == 4 and peer["train_s"] > 0
+    assert peer["steps"] == 4 and peer["train_s"] > 0 and peer["cpu_s"] > 0
     # Step 0 is the same student evaluated with the same seed by the same evaluator: the same number exactly.
     assert peer["curve"][0]["avg"] == ours["curve"][0]["avg"]
     m = LAST_LINE.match(lines[-1])
