@@ -213,12 +213,16 @@ class Decoder:
         key_valid: torch.Tensor,
         cache: KVCache | None = None,
         cache_start: int = 0,
+        *,
+        decode_step: bool = False,
     ) -> torch.Tensor:
         """Hidden states after the final norm.
 
         input_ids, positions: [B, L] (pad ids may be anything in-vocab). key_valid: [B, S] bool, S = cache_start + L
         (S = L without a cache): which keys exist. With a cache, the new keys/values are written at
         [cache_start, cache_start + L) and attention runs over [0, S). Attention is causal in cache order.
+        ``decode_step``: the caller promises L == 1 and that every row's new key is valid (``key_valid[:, S - 1]``),
+        as the engine's decode loop does; the mask is then the validity row, built without the general path's ops.
         Returns [B, L, hidden].
         """
         c, p = self.cfg, self.params
@@ -226,10 +230,11 @@ class Decoder:
         S = cache_start + L
         x = F.embedding(input_ids, p["model.embed_tokens.weight"])
         cos, sin = self._rope(positions)
-        if L == 1 and bool(key_valid[:, S - 1].all()):
-            # One decode step whose own key is valid (the engine's case): causality allows every key up to it and
-            # no row is left without a key, so the mask is the validity row (the general path's result, a few
-            # tensor ops cheaper, which counts at one call per generated token).
+        if decode_step:
+            # One query whose own key is valid: causality allows every key up to it and no row is left without a
+            # key, so the general path's mask is the validity row (a few tensor ops fewer per generated token).
+            if L != 1:
+                raise ValueError(f"decode_step=True needs one new token per row, got L={L}")
             mask = key_valid[:, None, None, :S]
         else:
             q_idx = torch.arange(cache_start, S, device=self.device)

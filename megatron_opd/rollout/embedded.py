@@ -227,9 +227,10 @@ class EmbeddedEngine:
             if int((~keep).sum()) >= max(1, len(live) // 4):
                 live, nxt, lens, key_valid = live[keep], nxt[keep], lens[keep], key_valid[keep]
                 cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-            key_valid[:, Lp + t] = True
+            key_valid[:, Lp + t] = True  # the new token's own key: what decode_step=True relies on
             pos = (lens + t)[:, None]
-            hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t)[:, -1]
+            hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t, decode_step=True)
+            hidden = hidden[:, -1]
         tok_m, lp_m = tok_buf.tolist(), lp_buf.tolist()
         tk_m = tk_buf.tolist() if tk_buf is not None else None
         lengths, stopped = length.tolist(), done.tolist()
