@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sglang-env router-env gpu-env test test-fast lint format bench gpu-check gpu-check-dry-run clean
+.PHONY: setup sglang-env router-env trl-env gpu-env test test-fast lint format bench bench-peers gpu-check gpu-check-dry-run clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,22 @@ bench: setup
 	$(VPY) benchmarks/bench_loss.py
 	$(VPY) benchmarks/bench_rollout.py
 
+# The peer framework for benchmarks/bench_peers.py: Hugging Face TRL in its own environment (requirements/trl.txt;
+# torch pinned so pip takes the local CPU wheel). The comparison itself runs from the trainer's .venv.
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+trl-env: $(TRL_STAMP)
+
+$(TRL_STAMP): requirements/trl.txt
+	$(PY) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q -r requirements/trl.txt
+	$(TRL_VENV)/bin/python -c "import trl; assert trl.__version__ == '1.16.0', trl.__version__"
+	touch $(TRL_STAMP)
+
+bench-peers: setup trl-env
+	OMP_NUM_THREADS=1 $(VPY) benchmarks/bench_peers.py --out benchmarks/results/$$(date +%F)-peers-cpu.md
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
@@ -87,4 +103,4 @@ gpu-check-dry-run: setup
 	PY=$(VPY) bash benchmarks/gpu_check.sh --dry-run
 
 clean:
-	rm -rf $(VENV) $(SGL_VENV) $(GPU_VENV) .venv-router build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) $(GPU_VENV) $(TRL_VENV) .venv-router build *.egg-info .pytest_cache .ruff_cache

@@ -25,15 +25,20 @@ The redirects:
    ``loss/triton_kernels.py``), not by ``apply_cpu_compat()``.
 
 The mode of 3-4 is entered on the thread that applies the redirects (the training thread); Megatron code run
-from another thread would not see it.
+from another thread would not see it. It intercepts every torch call made while it is active (a Python call
+each, about a third of a small decode step's cost on CPU), so pure-torch code that never reaches Megatron (the
+embedded rollout engine and teacher, evaluation) runs under ``redirects_paused()``, which takes the mode off the
+stack for its duration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -142,6 +147,34 @@ def apply_cpu_compat() -> bool:
     _APPLIED = True
     logger.info("CUDA is absent: Megatron-core CPU redirects applied (megatron_opd.parallel.cpu_compat)")
     return True
+
+
+@contextlib.contextmanager
+def redirects_paused() -> Iterator[None]:
+    """Run the body without the redirect mode of 3-4 (a no-op when it is not the innermost active mode).
+
+    Only for code that never calls into Megatron-core: a ``device="cuda"`` in it would fail, not go to CPU.
+    """
+    stack = torch.overrides._get_current_function_mode_stack()
+    if _MODE is None or not stack or stack[-1] is not _MODE:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def without_redirects(fn: F) -> F:
+    """Decorator form of ``redirects_paused`` for pure-torch methods (engines, scorers)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with redirects_paused():
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 
 def cpu_compat_active() -> bool:

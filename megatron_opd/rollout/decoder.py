@@ -219,12 +219,16 @@ class Decoder:
         key_valid: torch.Tensor,
         cache: KVCache | None = None,
         cache_start: int = 0,
+        *,
+        decode_step: bool = False,
     ) -> torch.Tensor:
         """Hidden states after the final norm.
 
         input_ids, positions: [B, L] (pad ids may be anything in-vocab). key_valid: [B, S] bool, S = cache_start + L
         (S = L without a cache): which keys exist. With a cache, the new keys/values are written at
         [cache_start, cache_start + L) and attention runs over [0, S). Attention is causal in cache order.
+        ``decode_step``: the caller promises L == 1 and that every row's new key is valid (``key_valid[:, S - 1]``),
+        as the engine's decode loop does; the mask is then the validity row, built without the general path's ops.
         Returns [B, L, hidden].
         """
         c, p = self.cfg, self.params
@@ -232,11 +236,20 @@ class Decoder:
         S = cache_start + L
         x = F.embedding(input_ids, p["model.embed_tokens.weight"])
         cos, sin = self._rope(positions)
-        q_idx = torch.arange(cache_start, S, device=self.device)
-        causal = q_idx[:, None] >= torch.arange(S, device=self.device)[None, :]  # [L, S]
-        mask = causal[None, None] & key_valid[:, None, None, :S]  # [B, 1, L, S]
-        # A query whose keys are all masked (a pad row) would give NaN; let it see itself (its output is ignored).
-        mask = mask | (~mask.any(-1, keepdim=True) & (q_idx[:, None] == torch.arange(S, device=self.device)))
+        if decode_step:
+            # One query whose own key is valid: causality allows every key up to it and no row is left without a
+            # key, so the general path's mask is the validity row (a few tensor ops fewer per generated token).
+            if L != 1:
+                raise ValueError(f"decode_step=True needs one new token per row, got L={L}")
+            mask = key_valid[:, None, None, :S]
+        else:
+            q_idx = torch.arange(cache_start, S, device=self.device)
+            causal = q_idx[:, None] >= torch.arange(S, device=self.device)[None, :]  # [L, S]
+            mask = causal[None, None] & key_valid[:, None, None, :S]  # [B, 1, L, S]
+            # A query whose keys are all masked (a pad row) would give NaN; let it see itself (output ignored).
+            mask = mask | (
+                ~mask.any(-1, keepdim=True) & (q_idx[:, None] == torch.arange(S, device=self.device))
+            )
         for i in range(c.num_layers):
             pre = f"model.layers.{i}."
             h = _rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)

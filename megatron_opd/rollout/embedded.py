@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from megatron_opd.loss import reference
+from megatron_opd.parallel.cpu_compat import without_redirects
 from megatron_opd.rollout.decoder import Decoder, KVCache
 from megatron_opd.rollout.types import RolloutResult, check_generate_args
 
@@ -76,7 +77,7 @@ def _sample(
     """
     if temperature == 0.0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     order = None
     if top_p < 1.0:
         probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -121,6 +122,7 @@ class EmbeddedEngine:
         kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
         return cls(Decoder.from_hf_dir(path, dtype=dtype, device=device), **kw)
 
+    @without_redirects
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterable[list]) -> float:
         """Copy HF-named tensors (or buckets of them) into the decoder in place. Returns seconds taken."""
         t0 = time.perf_counter()
@@ -130,6 +132,7 @@ class EmbeddedEngine:
         )
         return time.perf_counter() - t0
 
+    @without_redirects
     @torch.no_grad()
     def generate(
         self,
@@ -221,9 +224,10 @@ class EmbeddedEngine:
             if int((~keep).sum()) >= max(1, len(live) // 4):
                 live, nxt, lens, key_valid = live[keep], nxt[keep], lens[keep], key_valid[keep]
                 cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-            key_valid[:, Lp + t] = True
+            key_valid[:, Lp + t] = True  # the new token's own key: what decode_step=True relies on
             pos = (lens + t)[:, None]
-            hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t)[:, -1]
+            hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t, decode_step=True)
+            hidden = hidden[:, -1]
         tok_m, lp_m = tok_buf.tolist(), lp_buf.tolist()
         tk_m = tk_buf.tolist() if tk_buf is not None else None
         lengths, stopped = length.tolist(), done.tolist()

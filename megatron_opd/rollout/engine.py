@@ -159,7 +159,9 @@ def build_rollout_engine(
     # The sync reaches every worker: an sglang-router URL stands for the workers it lists.
     targets = weight_sync_urls(client.urls)
     sync_client = (
-        client if targets == client.urls else _client(targets, 4, cfg.request_timeout_s, cfg.max_retries)
+        client
+        if targets == client.urls
+        else _client(targets, 4, cfg.request_timeout_s, cfg.max_retries, "rollout")
     )
     if cfg.weight_sync == "distributed":
         sync = DistributedWeightSync(

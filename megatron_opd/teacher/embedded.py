@@ -1,8 +1,10 @@
 """In-process teacher scoring with the embedded decoder: one prefill per batch of (prompt + response) sequences.
 
 Why it exists: the CPU default keeps the teacher in the trainer's process (no server). Sequences are right-padded
-and run in chunks of at most ``max_tokens_per_batch`` padded tokens; logits are then made per sample in blocks of
-``logits_block`` positions, so at most [logits_block, V] fp32 logits exist at a time (V = 152k for Qwen). The math
+and run in chunks of at most ``max_tokens_per_batch`` padded tokens; the response positions of a chunk are then
+gathered into one [N, hidden] tensor and turned into logits in blocks of ``logits_block`` positions, so at most
+[logits_block, V] fp32 logits exist at a time (V = 152k for Qwen) and the per-token work is a few tensor ops per
+block, not per sample (on the CPU main job scoring is dominated by per-op overhead, not arithmetic). The math
 (log-softmax, gathers, top-K with its tie-breaking) is ``loss/reference.py``'s, the same the trainer uses.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from megatron_opd.loss import reference
+from megatron_opd.parallel.cpu_compat import without_redirects
 from megatron_opd.rollout.decoder import Decoder
 from megatron_opd.rollout.embedded import read_tokenizer_vocab_size
 from megatron_opd.teacher.scorer import TeacherScores, TopKStrategy, check_score_request
@@ -43,14 +46,8 @@ class EmbeddedScorer:
         kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
         return cls(Decoder.from_hf_dir(path, dtype=dtype, device=device), **kw)
 
-    def response_hidden(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """(sample index, final hidden states [len(response_i), hidden] predicting each response token).
-
-        A generator over chunks of at most ``max_tokens_per_batch`` padded tokens, in sample order.
-        """
-        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    def _chunks(self, seqs: list[list[int]]) -> Iterator[tuple[int, int, int]]:
+        """(start, end, longest): consecutive samples of at most ``max_tokens_per_batch`` padded tokens."""
         start = 0
         while start < len(seqs):
             end, longest = start, 0
@@ -59,8 +56,21 @@ class EmbeddedScorer:
                 if end > start and longest2 * (end - start + 1) > self.max_tokens_per_batch:
                     break
                 longest, end = longest2, end + 1
-            yield from enumerate(self._chunk_hidden(prompt_ids[start:end], seqs[start:end], longest), start)
+            yield start, end, longest
             start = end
+
+    def response_hidden(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(sample index, final hidden states [len(response_i), hidden] predicting each response token).
+
+        A generator over chunks of at most ``max_tokens_per_batch`` padded tokens, in sample order.
+        """
+        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+        for start, end, longest in self._chunks(seqs):
+            hidden = self._chunk_hidden(seqs[start:end], longest)
+            for b in range(end - start):
+                yield start + b, hidden[b, len(prompt_ids[start + b]) - 1 : len(seqs[start + b]) - 1]
 
     def response_logits(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]]
@@ -70,19 +80,18 @@ class EmbeddedScorer:
             yield i, self.decoder.logits(h, self.vocab_size)
 
     @torch.no_grad()
-    def _chunk_hidden(self, prompts: list[list[int]], seqs: list[list[int]], L: int) -> list[torch.Tensor]:
+    def _chunk_hidden(self, seqs: list[list[int]], L: int) -> torch.Tensor:
+        """Final hidden states of right-padded ``seqs``: [len(seqs), L, hidden]."""
         dev = self.decoder.device
         B = len(seqs)
-        ids = torch.zeros((B, L), dtype=torch.long, device=dev)
-        valid = torch.zeros((B, L), dtype=torch.bool, device=dev)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-            valid[b, : len(s)] = True
+        ids = torch.tensor([q + [0] * (L - len(q)) for q in seqs], dtype=torch.long, device=dev).view(B, L)
+        lens = torch.tensor([len(q) for q in seqs], device=dev)
         pos = torch.arange(L, device=dev)[None].expand(B, L)
+        valid = pos < lens[:, None]
         # Right padding: in causal order, pads come after every valid token and are never attended to.
-        hidden = self.decoder.forward(ids, pos, valid)
-        return [hidden[b, len(prompts[b]) - 1 : len(seqs[b]) - 1] for b in range(B)]
+        return self.decoder.forward(ids, pos, valid)
 
+    @without_redirects
     @torch.no_grad()
     def score(
         self,
@@ -94,28 +103,59 @@ class EmbeddedScorer:
         student_topk_ids: list[list[list[int]]] | None = None,
     ) -> TeacherScores:
         check_score_request(prompt_ids, response_ids, topk, strategy, student_topk_ids)
-        lps: list[list[float]] = []
-        tk_ids: list[list[list[int]]] | None = [] if topk > 0 else None
-        tk_lps: list[list[list[float]]] | None = [] if topk > 0 else None
-        for i, hidden in self.response_hidden(prompt_ids, response_ids):
-            lp_i, ids_i, tlp_i = [], [], []
-            # Logits in blocks of positions: [block, V] fp32 at a time, however long the response.
-            for s in range(0, hidden.shape[0], self.logits_block):
-                logits = self.decoder.logits(hidden[s : s + self.logits_block], self.vocab_size)
-                target = torch.tensor(response_ids[i][s : s + self.logits_block], device=logits.device)
-                lp_i += reference.token_logprobs(logits, target).tolist()
+        lengths = [len(r) for r in response_ids]
+        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+        lp_parts: list[torch.Tensor] = []
+        ids_parts: list[torch.Tensor] = []
+        tlp_parts: list[torch.Tensor] = []
+        for start, end, longest in self._chunks(seqs):
+            hidden = self._chunk_hidden(seqs[start:end], longest)
+            # Every response position of the chunk in one [N, hidden] tensor (sample order): the LM head and the
+            # log-softmax then run once per block of positions, not once per sample.
+            rows = [
+                b * longest + t
+                for b in range(end - start)
+                for t in range(len(prompt_ids[start + b]) - 1, len(seqs[start + b]) - 1)
+            ]
+            flat = hidden.reshape(-1, hidden.shape[-1])[
+                torch.tensor(rows, dtype=torch.long, device=hidden.device)
+            ]
+            targets = torch.tensor(
+                [tok for r in response_ids[start:end] for tok in r], dtype=torch.long, device=hidden.device
+            )
+            student_ids = None
+            if topk > 0 and strategy == "student":
+                student_ids = torch.tensor(
+                    [row for r in student_topk_ids[start:end] for row in r],
+                    dtype=torch.long,
+                    device=hidden.device,
+                ).view(-1, topk)
+            # Logits in blocks of positions: [block, V] fp32 at a time, however many tokens the chunk holds.
+            for s in range(0, flat.shape[0], self.logits_block):
+                logits = self.decoder.logits(flat[s : s + self.logits_block], self.vocab_size)
+                lp_parts.append(reference.token_logprobs(logits, targets[s : s + self.logits_block]))
                 if topk > 0:
                     if strategy == "teacher":
                         ids = reference.topk_ids(logits, topk)
                     else:
-                        ids = torch.tensor(
-                            student_topk_ids[i][s : s + self.logits_block], device=logits.device
-                        )
-                        ids = ids.view(-1, topk)
-                    ids_i += ids.tolist()
-                    tlp_i += reference.logprobs_at(logits, ids).tolist()
-            lps.append(lp_i)
-            if topk > 0:
-                tk_ids.append(ids_i)
-                tk_lps.append(tlp_i)
-        return TeacherScores(logprobs=lps, topk_ids=tk_ids, topk_logprobs=tk_lps)
+                        ids = student_ids[s : s + self.logits_block]
+                    ids_parts.append(ids)
+                    tlp_parts.append(reference.logprobs_at(logits, ids))
+        flat_lp = torch.cat(lp_parts).tolist() if lp_parts else []
+        lps = _split(flat_lp, lengths)
+        if topk == 0:
+            return TeacherScores(logprobs=lps, topk_ids=None, topk_logprobs=None)
+        flat_ids = torch.cat(ids_parts).tolist() if ids_parts else []
+        flat_tlp = torch.cat(tlp_parts).tolist() if tlp_parts else []
+        return TeacherScores(
+            logprobs=lps, topk_ids=_split(flat_ids, lengths), topk_logprobs=_split(flat_tlp, lengths)
+        )
+
+
+def _split(flat: list, lengths: list[int]) -> list[list]:
+    """Cut a flat per-token list into per-sample lists of ``lengths``."""
+    out, at = [], 0
+    for n in lengths:
+        out.append(flat[at : at + n])
+        at += n
+    return out

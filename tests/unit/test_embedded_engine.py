@@ -199,3 +199,24 @@ def test_sampler_draws_from_the_softmax_and_respects_top_p():
     want = torch.where(keep, p, torch.zeros_like(p))
     assert freq[~keep].sum().item() == 0.0
     assert (freq - want / want.sum()).abs().max().item() < 0.01
+
+
+def test_decode_step_mask_equals_the_general_path(qwen_dir):
+    # decode_step=True builds the mask as the key-validity row; with left padding and the new key valid it must
+    # give exactly the general causal/pad path's hidden states (same mask, same kernels: bitwise equal).
+    from megatron_opd.rollout.decoder import KVCache
+
+    dec = EmbeddedEngine.from_hf_dir(qwen_dir).decoder
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    positions = torch.tensor([[0, 0, 0, 1], [0, 1, 2, 3]])
+    hidden = {}
+    for fast in (False, True):
+        cache = KVCache(dec.cfg, 2, 5, dec.dtype, dec.device)
+        dec.forward(ids, positions, torch.cat([valid, torch.zeros(2, 1, dtype=torch.bool)], 1), cache, 0)
+        key_valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], 1)
+        step = torch.tensor([[11], [12]])
+        hidden[fast] = dec.forward(step, torch.tensor([[2], [4]]), key_valid, cache, 4, decode_step=fast)
+    assert torch.equal(hidden[True], hidden[False])
+    with pytest.raises(ValueError, match="decode_step=True needs one new token"):
+        dec.forward(ids, positions, valid, None, 0, decode_step=True)

@@ -51,6 +51,24 @@ def test_initialize_single_process_and_redirects() -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_redirects_paused_takes_the_mode_off_and_puts_it_back() -> None:
+    initialize_parallel(ParallelConfig(), seed=7)
+    assert cpu_compat.cpu_compat_active()
+    with cpu_compat.redirects_paused():
+        # Pure-torch code (the embedded engine and teacher) runs without the per-call interception...
+        assert not any(
+            isinstance(m, cpu_compat._CudaToCpuMode)
+            for m in torch.overrides._get_current_function_mode_stack()
+        )
+        assert torch.ones(1).type() == "torch.FloatTensor"
+    # ...and Megatron's redirects are back afterwards, also after an exception inside.
+    with pytest.raises(RuntimeError, match="inside"), cpu_compat.redirects_paused():
+        raise RuntimeError("inside")
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    assert cpu_compat.without_redirects(lambda: torch.ones(1).type())() == "torch.FloatTensor"
+
+
 def test_initialize_rejects_layout_larger_than_world() -> None:
     with pytest.raises(ConfigError, match="not divisible"):
         initialize_parallel(ParallelConfig(tensor_model_parallel_size=2), seed=0)
