@@ -119,6 +119,7 @@ def run_peer(argv: list[str], seed: int, steps: int, save_steps: list[int], tmp:
     from megatron_opd.data.tokenizer import load_tokenizer
     from megatron_opd.eval.evaluator import evaluate_sets
     from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.utils.seeding import evaluation_seed
 
     cfg = parse_config(argv, prog="bench_peers")
     tokenizer = load_tokenizer(cfg.model.hf_path)
@@ -164,7 +165,7 @@ def run_peer(argv: list[str], seed: int, steps: int, save_steps: list[int], tmp:
             engine.generate,
             tokenizer,
             max_response_length=cfg.rollout.max_response_length,
-            seed=seed + 17 * point["step"],  # the main job's evaluation seed at that step
+            seed=evaluation_seed(seed, point["step"]),  # the main job's evaluation seed at that step
             apply_chat_template=cfg.train.apply_chat_template,
         )
         (result,) = res.values()

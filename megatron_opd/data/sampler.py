@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from megatron_opd.utils.seeding import derive_seed
+
 T = TypeVar("T")
 
 
@@ -100,7 +102,7 @@ class PromptSampler:
         """The data order of ``epoch``: a pure function of (seed, epoch)."""
         if not self.shuffle:
             return list(range(self.num_examples))
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         return torch.randperm(self.num_examples, generator=g).tolist()
 
     def exhausted(self) -> bool:

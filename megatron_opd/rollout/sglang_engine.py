@@ -21,6 +21,7 @@ from typing import Any
 
 from megatron_opd.rollout.sglang_client import SGLangClient
 from megatron_opd.rollout.types import RolloutError, RolloutResult, check_generate_args
+from megatron_opd.utils.seeding import derive_seed
 
 __all__ = ["SGLangEngine", "parse_generation"]
 
@@ -88,7 +89,7 @@ class SGLangEngine:
                 "top_p": top_p,
             }
             if self.deterministic:
-                sp["sampling_seed"] = seed * 1_000_003 + j
+                sp["sampling_seed"] = derive_seed(seed, j)
             p: dict[str, Any] = {"input_ids": list(prompts[i]), "sampling_params": sp, "return_logprob": True}
             if topk > 0:
                 p["top_logprobs_num"] = topk

@@ -52,6 +52,7 @@ from megatron_opd.training.preflight import check_run_inputs
 from megatron_opd.training.step import StepResult, TrainStep
 from megatron_opd.training.weight_sync import TrainerWeightSync, stage_sync_address
 from megatron_opd.utils.errors import OPDError
+from megatron_opd.utils.seeding import derive_seed, evaluation_seed
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def generate_rollouts(
         max_new_tokens=window.generate,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
-        seed=cfg.train.seed * 1_000_003 + step,
+        seed=derive_seed(cfg.train.seed, step),
         topk=cfg.teacher.topk if _wants_student_topk(cfg) else 0,
     )
     result.validate()
@@ -458,7 +459,7 @@ def evaluate(run: Run, step: int, *, teacher: bool = False) -> dict[str, float]:
         engine.generate,
         run.tokenizer,
         max_response_length=cfg.rollout.max_response_length,
-        seed=cfg.train.seed + 17 * step,
+        seed=evaluation_seed(cfg.train.seed, step),
         apply_chat_template=cfg.train.apply_chat_template,
     )
     out: dict[str, float] = {}
