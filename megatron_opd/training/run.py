@@ -256,7 +256,7 @@ def _launch_servers(run: Run) -> None:
     servers = make_launched_servers(
         [(role, section.launch_args, path) for role, section, path in wanted if section.launch_server],
         params_dtype=cfg.model.params_dtype,
-        log_dir=cfg.logging.log_dir or cfg.checkpoint.save,
+        log_dir=run.logger.log_dir,  # logging.log_dir, else checkpoint.save (setup_run)
     )
     run.servers = list(servers.values())
     for srv in run.servers:
