@@ -48,6 +48,7 @@ from megatron_opd.loss.reference import (
 __all__ = ["TwoModelTerms", "two_model_terms", "logits_at"]
 
 DEFAULT_TILE = 8192
+PAD_LOGIT = -1e30  # finite (not -inf) so p * log p terms at padding ids stay 0 instead of NaN
 
 
 def logits_at(
@@ -57,6 +58,8 @@ def logits_at(
 
     hidden [C, H], weight [V/tp, H], ids [C, M] -> [C, M]; costs C*M*H, not C*V*H.
     """
+    if weight.shape[0] == 0:  # this rank holds only vocabulary padding
+        return tp_sum(torch.zeros(ids.shape, device=hidden.device), tp_group)
     local = ids - vocab_start
     inside = (local >= 0) & (local < weight.shape[0])
     rows = weight[local.clamp(0, weight.shape[0] - 1)].float()  # [C, M, H]
@@ -136,6 +139,12 @@ def _chunk_forward(
     out: dict[str, Any] = dict(lse_s=lse_s, lse_t=lse_t, ids=None, s=None, t=None, topk_kl=None, full_kl=None)
     ids = targets.unsqueeze(-1)
     if topk > 0:
+        if (
+            top_v.shape[1] < topk
+        ):  # a shard narrower than K: -inf candidates keep the TP gather's shapes equal
+            pad = topk - top_v.shape[1]
+            top_v = torch.cat([top_v, torch.full((c, pad), -float("inf"), device=hs.device)], -1)
+            top_i = torch.cat([top_i, torch.full((c, pad), -1, dtype=torch.long, device=hs.device)], -1)
         out["ids"] = topk_of_candidates(top_v, top_i, topk, tp_group)[1]
         ids = torch.cat([ids, out["ids"]], -1)
     zs_at = logits_at(hs, ws, ids, vocab_start, tp_group) - lse_s.unsqueeze(-1)
@@ -271,6 +280,7 @@ def two_model_terms(
     impl: str = "auto",
     chunk_size: int = 1024,
     tile: int = DEFAULT_TILE,
+    vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """``reference.two_model_token_terms_from_logits`` from hidden states and LM-head shards (module doc).
 
@@ -280,6 +290,8 @@ def two_model_terms(
         targets: [N] sampled ids. topk / strategy / renormalize / full_kl: as the reference.
         impl: 'reference' (both [N, V/tp] logits, fp32) or 'chunked' / 'triton' / 'auto' (this module's tiles).
         chunk_size: tokens per chunk; tile: vocabulary rows per tile.
+        vocab_size: the real vocabulary; shard rows of global id >= it are embedding padding and stay out of
+            every softmax (a rank may hold padding only). None: every row is real.
     Returns:
         the reference's dict: logp, teacher_logp, ids, topk_kl, full_kl ([N] / [N, K] or None).
     """
@@ -301,9 +313,13 @@ def two_model_terms(
         raise ValueError(f"targets [N] expected, got {tuple(targets.shape)} for N = {hidden.shape[0]}")
     if strategy not in ("student", "teacher"):
         raise ValueError(f"unknown top-K strategy {strategy!r}; use 'student' or 'teacher'")
+    real = weight.shape[0] if vocab_size is None else min(max(vocab_size - vocab_start, 0), weight.shape[0])
     if impl == "reference":
         zs = torch.mm(hidden.float(), weight.float().t())
         zt = torch.mm(teacher_hidden.detach().float(), teacher_weight.detach().float().t())
+        if real < weight.shape[0]:
+            pad = torch.arange(weight.shape[0], device=zs.device) >= real
+            zs, zt = zs.masked_fill(pad, PAD_LOGIT), zt.masked_fill(pad, PAD_LOGIT)
         return two_model_token_terms_from_logits(
             zs, zt, targets, topk=topk, strategy=strategy, renormalize=renormalize, full_kl=full_kl,
             vocab_start=vocab_start, tp_group=tp_group,
@@ -313,7 +329,7 @@ def two_model_terms(
     if chunk_size < 1 or tile < 1:
         raise ValueError(f"chunk_size and tile must be positive, got {chunk_size} and {tile}")
     logp, tlp, kl_k, kl_f, ids = TwoModelTerms.apply(
-        hidden, weight, teacher_hidden, teacher_weight, targets, topk, strategy, renormalize, full_kl,
+        hidden, weight[:real], teacher_hidden, teacher_weight[:real], targets, topk, strategy, renormalize, full_kl,
         vocab_start, tp_group, chunk_size, tile,
     )  # fmt: skip
     return {

@@ -123,6 +123,18 @@ def setup_run(cfg: OPDConfig) -> Run:
     chunks = build_model_chunks(model_cfg, sequence_parallel=cfg.parallel.sequence_parallel)
     load_hf_weights(chunks, cfg.model.hf_path, model_cfg, tp_group=mpu.get_tensor_model_parallel_group())
     training = setup_training(chunks, cfg.optimizer, total_steps=total)
+    vocab_size = min(len(tokenizer), model_cfg.vocab_size)
+    in_step_teacher = None
+    if cfg.teacher.backend == "megatron":  # every rank holds its shard of the teacher, forward-only
+        from megatron_opd.teacher.megatron import MegatronTeacher
+
+        in_step_teacher = MegatronTeacher.build(
+            cfg.teacher,
+            model_cfg,
+            vocab_size=vocab_size,
+            topk=cfg.teacher.topk if cfg.loss.topk_kl_coef > 0 else 0,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
     train_step = TrainStep(
         training.model,
         training.optimizer,
@@ -130,10 +142,11 @@ def setup_run(cfg: OPDConfig) -> Run:
         cfg.loss,
         # Sampling and scoring use the tokenizer's vocabulary; embedding rows past it (Qwen pads 151,665 to
         # 151,936) are excluded from the trainer's softmax too, so all three normalise over the same tokens.
-        vocab_size=min(len(tokenizer), model_cfg.vocab_size),
+        vocab_size=vocab_size,
         impl=cfg.loss.impl,
         chunk_size=cfg.loss.chunk_size,
         fp8_lm_head=cfg.loss.fp8_lm_head,
+        teacher=in_step_teacher,
     )
     schedule = build_horizon_schedule(cfg.horizon, cfg.rollout.max_response_length)
     log_dir = cfg.logging.log_dir or cfg.checkpoint.save
@@ -180,14 +193,15 @@ def _build_engines(run: Run) -> None:
         dtype=engine_dtype,
         weight_sync_dir=os.path.join(cfg.checkpoint.save or ".", "weight_sync"),
     )
-    run.teacher = build_teacher_scorer(
-        cfg.teacher,
-        dtype=engine_dtype,
-        max_concurrency=cfg.rollout.max_concurrency,
-        request_timeout_s=cfg.rollout.request_timeout_s,
-        max_retries=cfg.rollout.max_retries,
-    )
-    if cfg.eval.eval_teacher and cfg.teacher.backend == "embedded":
+    if cfg.teacher.backend != "megatron":  # the Megatron teacher lives in the train step, on every rank
+        run.teacher = build_teacher_scorer(
+            cfg.teacher,
+            dtype=engine_dtype,
+            max_concurrency=cfg.rollout.max_concurrency,
+            request_timeout_s=cfg.rollout.request_timeout_s,
+            max_retries=cfg.rollout.max_retries,
+        )
+    if cfg.eval.eval_teacher and cfg.teacher.backend in ("embedded", "megatron"):
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
         run.teacher_engine = EmbeddedEngine.from_hf_dir(cfg.teacher.hf_path, dtype=engine_dtype)
@@ -286,7 +300,13 @@ def _resume(run: Run) -> None:
 # the phases of a step
 # ----------------------------------------------------------------------------------------------------------
 def _wants_student_topk(cfg: OPDConfig) -> bool:
-    return cfg.loss.topk_kl_coef > 0 and cfg.teacher.topk > 0 and cfg.teacher.topk_strategy == "student"
+    """Whether the rollout engine must return the student's top-K ids (the Megatron teacher's loss finds them)."""
+    return (
+        cfg.loss.topk_kl_coef > 0
+        and cfg.teacher.topk > 0
+        and cfg.teacher.topk_strategy == "student"
+        and cfg.teacher.backend != "megatron"
+    )
 
 
 def generate_rollouts(
@@ -310,8 +330,10 @@ def generate_rollouts(
 
 
 def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | None:
-    """Rank 0: the teacher's logprobs of every response token (and top-K terms when the loss uses them)."""
-    if not run.is_controller:
+    """Rank 0: the teacher's logprobs of every response token (and top-K terms when the loss uses them).
+
+    None with teacher.backend 'megatron': that teacher scores inside the train step."""
+    if not run.is_controller or run.cfg.teacher.backend == "megatron":
         return None
     cfg = run.cfg
     topk = cfg.teacher.topk if cfg.loss.topk_kl_coef > 0 else 0
@@ -330,11 +352,11 @@ def make_micro_batches(
     """Broadcast rank 0's scored rollouts; return this rank's micro-batches and rollout statistics."""
     payload: list[Any] = [None]
     if run.is_controller:
-        use_topk = scores.topk_ids is not None
+        use_topk = scores is not None and scores.topk_ids is not None
         payload[0] = {
             "prompts": rollouts.prompt_ids,
             "responses": rollouts.response_ids,
-            "teacher": scores.logprobs,
+            "teacher": None if scores is None else scores.logprobs,  # None: the step's teacher scores
             "topk_ids": scores.topk_ids if use_topk else None,
             "topk_lp": scores.topk_logprobs if use_topk else None,
             "stats": rollout_stats(rollouts, window),

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.distributed
 N, HS, HT, V, K = 11, 9, 7, 37, 5
 SPLIT = [0, 19, V]
 TOL = dict(atol=2e-5, rtol=1e-5)
+REAL = 17  # with vocab_size=REAL, rows 17..36 are embedding padding: rank 1 holds padding only
 KEYS = ("logp", "teacher_logp", "topk_kl", "full_kl", "gh", "gw")
 
 
@@ -32,13 +33,14 @@ def _inputs():
     return hs, ws, ht, wt, y, ups
 
 
-def _terms(impl, strategy, lo, hi, tp_group):
+def _terms(impl, strategy, lo, hi, tp_group, vocab_size=None):
     hs, ws, ht, wt, y, ups = _inputs()
+    y = y % vocab_size if vocab_size else y  # sampled tokens are real ids
     h = hs.clone().requires_grad_(True)
     w = ws[lo:hi].clone().requires_grad_(True)
     out = two_model.two_model_terms(
         adapter.copy_to_tp_region(h, tp_group), w, ht, wt[lo:hi].clone(), y, topk=K, strategy=strategy,
-        full_kl=True, vocab_start=lo, tp_group=tp_group, impl=impl, chunk_size=4, tile=6,
+        full_kl=True, vocab_start=lo, tp_group=tp_group, impl=impl, chunk_size=4, tile=6, vocab_size=vocab_size,
     )  # fmt: skip
     (
         (out["logp"] * ups[0]).sum() + (out["topk_kl"] * ups[1]).sum() + (out["full_kl"] * ups[2]).sum()
@@ -52,11 +54,14 @@ def _worker(rank, world):
     import torch.distributed as dist
 
     lo, hi = SPLIT[rank], SPLIT[rank + 1]
-    return {
+    out = {
         f"{impl}/{s}": _terms(impl, s, lo, hi, dist.group.WORLD)
         for impl in ("reference", "chunked")
         for s in ("student", "teacher")
     }
+    for impl in ("reference", "chunked"):
+        out[f"pad/{impl}"] = _terms(impl, "student", lo, hi, dist.group.WORLD, vocab_size=REAL)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +80,19 @@ def test_two_model_terms_tp2_equal_tp1(impl, strategy, tp2):
         for key in KEYS:
             ref = tp1[key][SPLIT[rank] : SPLIT[rank + 1]] if key == "gw" else tp1[key]
             torch.testing.assert_close(got[key], ref, **TOL, msg=f"{impl}/{strategy} {key} rank {rank}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_padding_rows_stay_out_of_the_softmax_even_on_a_padding_only_rank(impl, tp2):
+    tp1 = _terms("reference", "student", 0, REAL, None, vocab_size=REAL)  # the unpadded vocabulary
+    for rank, res in enumerate(tp2):
+        got = res[f"pad/{impl}"]
+        assert torch.equal(got["ids"], tp1["ids"]), f"rank {rank}"
+        for key in KEYS:
+            if key == "gw":
+                lo, hi = SPLIT[rank], SPLIT[rank + 1]
+                ref = torch.zeros(hi - lo, HS)
+                ref[: max(0, min(REAL, hi) - lo)] = tp1["gw"][lo:REAL]
+            else:
+                ref = tp1[key]
+            torch.testing.assert_close(got[key], ref, **TOL, msg=f"pad {impl} {key} rank {rank}")
