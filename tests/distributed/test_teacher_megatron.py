@@ -46,7 +46,9 @@ def _worker(rank, world, d, tp, pp):
     from megatron_opd.parallel.state import initialize_parallel
     from megatron_opd.teacher.megatron import MegatronTeacher
 
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=0)
+    initialize_parallel(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=0
+    )
     teacher = MegatronTeacher.build(
         TeacherConfig(hf_path=str(d / "teacher"), backend="megatron"),
         model_config_from_hf(str(d / "student")),
