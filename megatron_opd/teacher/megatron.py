@@ -9,12 +9,14 @@ meets them with both LM heads in ``loss/two_model.py``: log p_T(y) (the advantag
 exact full-vocabulary reverse KL, with no request, no JSON and no [N, V] logits.
 
 Memory, per GPU: the teacher's weights only (no gradients, no optimizer state, no DDP buffers), divided like the
-student's by TP x PP. A model of P parameters in bf16 costs 2P bytes; the student being trained costs 16P (bf16
-weights 2P, fp32 main gradients 4P, Adam's fp32 master copy, first and second moments 12P, without the
-distributed optimizer). For Qwen2-1.5B shapes (1.54e9 parameters) as teacher and student: teacher 3.1 GB,
-student 24.7 GB, so the teacher adds 1/8 of the student's training memory (plus its activations for one
-micro-batch during its forward, freed before the student's). ``teacher.offload`` keeps its weights in host
-memory between steps (copied in for the forward pass, out after the step).
+student's by TP x PP. A model of P parameters in bf16 costs 2P bytes; the student being trained costs 18P (bf16
+weights 2P, the DDP's fp32 gradient buffer 4P, Adam's fp32 master copy and two moments 12P; the distributed
+optimizer divides the last 12P by DP). For Qwen2-1.5B shapes (1.54e9 parameters, tied head) as teacher and
+student: teacher 3.1 GB, student 27.8 GB, so the teacher adds 1/9 of the student's weight-and-state memory
+(1/8 if one counts Adam's 16 bytes per parameter without the bf16 copy). Its activations exist only during its
+forward pass, one micro-batch at a time, before the student's; what it keeps is [N, H_t] hidden rows per
+micro-batch (N distilled tokens). ``teacher.offload`` keeps its weights in host memory between steps (copied in
+for the forward pass, out after the step).
 
 Outside the step (analysis tools, tests), ``MegatronTeacher.score`` fills the same ``TeacherScores`` as the other
 backends; unlike them it is COLLECTIVE: every rank of the job calls it with the same arguments.

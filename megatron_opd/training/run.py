@@ -38,8 +38,9 @@ from megatron_opd.data.tokenizer import load_tokenizer
 from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
 from megatron_opd.model.hf_conversion.live import iter_hf_weights, load_hf_weights
 from megatron_opd.parallel.state import ParallelInfo, initialize_parallel
-from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine
 from megatron_opd.rollout.types import RolloutResult
+from megatron_opd.teacher.factory import build_teacher_scorer
 from megatron_opd.teacher.scorer import TeacherScorer, TeacherScores
 from megatron_opd.teacher.vocab import check_teacher_student_vocab
 from megatron_opd.training import checkpoint as ckpt

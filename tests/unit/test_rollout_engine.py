@@ -9,13 +9,14 @@ import pytest
 
 from megatron_opd.config.tree import RolloutConfig, TeacherConfig
 from megatron_opd.rollout.embedded import EmbeddedEngine
-from megatron_opd.rollout.engine import build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.engine import build_rollout_engine
 from megatron_opd.rollout.sglang_client import SGLangClient
 from megatron_opd.rollout.sglang_engine import parse_generation
 from megatron_opd.rollout.sglang_server import free_port
 from megatron_opd.rollout.tiny_model import make_tiny_hf_model
 from megatron_opd.rollout.types import RolloutError, RolloutResult
 from megatron_opd.teacher.embedded import EmbeddedScorer
+from megatron_opd.teacher.factory import build_teacher_scorer
 from megatron_opd.teacher.sglang_scorer import plan_runs
 
 
@@ -103,3 +104,27 @@ def test_score_request_checks(tmp_path):
     with pytest.raises(ValueError, match="empty prompt"):
         sc.score([[]], [[3]])
     assert sc.score([[1, 2]], [[]]).logprobs == [[]]
+
+
+def test_rollout_package_does_not_import_the_teacher_package():
+    """The layering of issue 13: teacher/ builds on rollout/ (decoder, SGLang client, errors), never the reverse."""
+    import ast
+    import pathlib
+
+    import megatron_opd.rollout as pkg
+
+    offenders = []
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("megatron_opd.teacher")]
+    assert offenders == []
+
+
+def test_the_megatron_teacher_is_not_a_scorer_factory_product():
+    with pytest.raises(ValueError, match="inside the trainer"):
+        build_teacher_scorer(TeacherConfig(hf_path="t", backend="megatron"))
