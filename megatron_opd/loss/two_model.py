@@ -225,6 +225,8 @@ class TwoModelTerms(torch.autograd.Function):
         hs, ws, ht, wt, targets, lse_s, lse_t, ids, s, t, kl_f = ctx.saved_tensors
         cfg = ctx.cfg
         n = hs.shape[0]
+        if n == 0:  # a micro-batch without distilled tokens: nothing flows back
+            return (torch.zeros_like(hs), torch.zeros_like(ws)) + (None,) * 11
         g_logp = torch.zeros(n, device=hs.device) if g_logp is None else g_logp.float()
         use_topk = cfg["topk"] > 0 and g_kl is not None and g_kl.numel() == n
         use_full = cfg["full_kl"] and g_full is not None and g_full.numel() == n

@@ -134,3 +134,16 @@ def test_tile_topk_breaks_ties_like_the_reference():
     want = reference.topk_ids(z, 6)
     assert torch.equal(idx, want)
     torch.testing.assert_close(vals, torch.gather(z, -1, want), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_no_tokens_gives_empty_terms_and_zero_gradients(impl):
+    h = torch.zeros(0, HS, requires_grad=True)
+    w = torch.randn(V, HS, requires_grad=True)
+    out = two_model.two_model_terms(
+        h, w, torch.zeros(0, HT), torch.randn(V, HT), torch.zeros(0, dtype=torch.long), topk=K, full_kl=True,
+        impl=impl,
+    )  # fmt: skip
+    assert out["logp"].shape == (0,) and out["full_kl"].shape == (0,)
+    (out["logp"].sum() + out["topk_kl"].sum() + out["full_kl"].sum()).backward()
+    assert float(w.grad.abs().sum()) == 0.0
