@@ -176,6 +176,11 @@ def main() -> None:
     rows: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as d:
         model_dir = make_tiny_hf_model(os.path.join(d, "teacher"), init_std=0.02, **SHAPE)
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            hf_cfg = json.load(f)
+        hf_cfg["max_position_embeddings"] = max(4096, PROMPT + max(a.t))  # SGLang refuses longer inputs
+        with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_cfg, f)
         print("Megatron teacher:")
         rows.update(run_on_ranks(_megatron_worker, 1, model_dir, a.t, a.reps, timeout_s=7200)[0])
         if not a.skip_sglang:
