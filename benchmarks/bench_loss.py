@@ -10,6 +10,11 @@ its gradients on hidden and weight):
 - chunked/loss:  ``adapter.opd_loss_fused(impl='chunked')`` (gradient computed in forward).
 - triton/...:    the same two with the Triton kernels (CUDA only); triton/loss+fp8 runs the two gradient GEMMs
                  in FP8, triton/loss+fp8all also the logits GEMM.
+- 2model/naive, 2model/tiled: the teacher inside the trainer (``loss/two_model.py``): student AND teacher hidden
+                 states and LM heads (teacher of the same width), the student's own top-16 ids, the top-K KL and
+                 the exact full-vocabulary reverse KL (coefficient 0.5 each) and the policy-gradient term.
+                 naive builds both [N, V] logits (impl='reference'); tiled never does. Their "vs naive" column is
+                 relative to 2model/naive.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus what was allocated before the case (inputs). On
 CPU, torch's allocations are invisible to tracemalloc, so each case runs in its own subprocess and reports
@@ -39,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_opd.loss import adapter  # noqa: E402
+from megatron_opd.loss import adapter, two_model  # noqa: E402
 from megatron_opd.loss.reference import opd_loss  # noqa: E402
 
 K = 16
@@ -58,8 +63,27 @@ def _inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int =
     return hidden, weight, targets, ids, teacher, adv, mask
 
 
+def _step_two_model(case: str, chunk: int, hidden, weight, targets, adv, mask) -> torch.Tensor:
+    """One forward + backward of the two-model loss (teacher: the student's inputs, shifted); logprobs [N]."""
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    t_h, t_w = hidden.roll(1, 0), weight.roll(1, 1)
+    out = two_model.two_model_terms(
+        h, w, t_h, t_w, targets, topk=K, strategy="student", full_kl=True, chunk_size=chunk,
+        impl="reference" if case == "2model/naive" else "chunked",
+    )  # fmt: skip
+    loss = opd_loss(
+        out["logp"].view(1, -1), adv, mask, topk_kl=out["topk_kl"].view(1, -1),
+        full_kl=out["full_kl"].view(1, -1), topk_kl_coef=0.5, full_kl_coef=0.5,
+    )  # fmt: skip
+    loss.backward()
+    return out["logp"].detach()
+
+
 def _step(case: str, chunk: int, hidden, weight, targets, ids, teacher, adv, mask) -> torch.Tensor:
     """One forward + backward of the loss; returns the student logprobs [N] (no gradient)."""
+    if case.startswith("2model/"):
+        return _step_two_model(case, chunk, hidden, weight, targets, adv, mask)
     impl, _, variant = case.partition("/")
     impl = "reference" if impl == "naive" else impl
     h = hidden.detach().requires_grad_(True)
@@ -147,14 +171,15 @@ def _run_in_subprocess(case: str, n: int, h: int, v: int, chunk: int, reps: int)
 
 
 def _table(rows: list[dict], n: int, h: int, v: int, gpu: bool) -> str:
-    naive = next(r for r in rows if r["case"] == "naive")
+    naives = {r["case"].split("/")[0]: r for r in rows if r["case"] in ("naive", "2model/naive")}
     ideal = 6 * n * h * v / GPU_PEAK_BF16_FLOPS
     head = "| case | chunk | peak memory (MiB) | vs naive | fwd+bwd time (ms) | vs naive |"
     head += " x ideal GEMM |" if gpu else ""
     lines = [head, "|" + "---|" * (7 if gpu else 6)]
     for r in rows:
+        naive = naives["2model" if r["case"].startswith("2model/") else "naive"]
         mem, t = r["peak_bytes"] / 2**20, r["time_s"] * 1e3
-        line = f"| {r['case']} | {r['chunk'] if r['case'] != 'naive' else '-'} | {mem:,.1f} | "
+        line = f"| {r['case']} | {r['chunk'] if not r['case'].endswith('naive') else '-'} | {mem:,.1f} | "
         line += (
             f"{r['peak_bytes'] / naive['peak_bytes']:.3f} | {t:,.1f} | {r['time_s'] / naive['time_s']:.2f} |"
         )
@@ -198,6 +223,7 @@ def main() -> None:
         cases += [(f"{impl}/loss", c) for c in a.chunk_sizes]
     if gpu:
         cases += [("triton/loss+fp8", a.chunk_sizes[0]), ("triton/loss+fp8all", a.chunk_sizes[0])]
+    cases += [("2model/naive", a.chunk_sizes[0]), ("2model/tiled", a.chunk_sizes[0])]
 
     if gpu:
         device = torch.cuda.get_device_name()

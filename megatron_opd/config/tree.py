@@ -236,8 +236,11 @@ class TeacherConfig:
 
     hf_path: str | None = None
     """Hugging Face directory of the teacher model."""
-    backend: Literal["embedded", "sglang"] = "embedded"
-    """'embedded' (in-process scoring) or 'sglang' (prefill-only scoring on SGLang servers)."""
+    backend: Literal["embedded", "sglang", "megatron"] = "embedded"
+    """'embedded' (in-process scoring on rank 0), 'sglang' (prefill-only scoring on SGLang servers) or 'megatron'
+    (a forward-only Megatron copy of the teacher inside the training step, with the student's TP/PP layout: its
+    final hidden states meet the student's in the fused two-model loss, so any top-K strategy and the exact
+    full-vocabulary KL cost no requests; see teacher/megatron.py for its memory)."""
     sglang_urls: list[str] = field(default_factory=list)
     """Teacher SGLang servers (http://host:port)."""
     topk: int = 16
@@ -251,9 +254,27 @@ class TeacherConfig:
     (as rollout.launch_server)."""
     launch_args: list[str] = field(default_factory=list)
     """Extra ``sglang.launch_server`` flags for a launched teacher server."""
+    offload: bool = False
+    """backend 'megatron' on GPU: keep the teacher's weights in host memory between steps and copy them to the
+    GPU only for its forward pass (frees its weight memory during the student's backward and the rollouts, at
+    the cost of one host-to-device copy of the weights per step). No effect on CPU."""
 
     def __post_init__(self) -> None:
         check_range("teacher.topk", self.topk, 0)
+        if self.backend == "megatron" and self.hf_path is None:
+            fail(
+                "teacher.backend",
+                "megatron",
+                "teacher.hf_path set (the teacher's HF directory to build from)",
+            )
+        if self.backend == "megatron" and self.sglang_urls:
+            fail("teacher.sglang_urls", self.sglang_urls, "no URLs with teacher.backend 'megatron'")
+        if self.offload and self.backend != "megatron":
+            fail(
+                "teacher.offload",
+                True,
+                "teacher.backend 'megatron' (only that teacher has weights to offload)",
+            )
         for url in self.sglang_urls:
             if not url.startswith(("http://", "https://")):
                 fail("teacher.sglang_urls", url, "URLs starting with http:// or https://")
@@ -335,6 +356,10 @@ class LossConfig:
     """Weight of the reverse-KL term over the top-K tokens (teacher.topk, teacher.topk_strategy)."""
     topk_renormalize: bool = True
     """Renormalise both distributions over the K tokens before the KL (true) or use the raw masses."""
+    full_kl_coef: float = 0.0
+    """Weight of the exact reverse KL(student || teacher) over the whole vocabulary at every distilled token
+    (sum_v p_S (log p_S - log p_T)); needs teacher.backend 'megatron', the only teacher whose full distribution
+    the loss sees (computed over vocabulary tiles, loss/two_model.py)."""
     normalization: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
     """token_mean: divide by the global count of distilled tokens; sequence_mean: mean over sequences of each
     sequence's token mean; constant: divide by loss.normalization_constant (e.g. T_max times batch)."""
@@ -353,11 +378,14 @@ class LossConfig:
         check_range("loss.gamma", self.gamma, 0.0, 1.0)
         check_range("loss.pg_coef", self.pg_coef, 0.0)
         check_range("loss.topk_kl_coef", self.topk_kl_coef, 0.0)
+        check_range("loss.full_kl_coef", self.full_kl_coef, 0.0)
         check_range("loss.normalization_constant", self.normalization_constant, 0.0, lo_open=True)
         check_range("loss.chunk_size", self.chunk_size, 1)
-        if self.pg_coef == 0.0 and self.topk_kl_coef == 0.0:
+        if self.pg_coef == 0.0 and self.topk_kl_coef == 0.0 and self.full_kl_coef == 0.0:
             fail(
-                "loss.pg_coef", 0.0, "a positive value (or set loss.topk_kl_coef > 0): the loss would be zero"
+                "loss.pg_coef",
+                0.0,
+                "a positive value (or set loss.topk_kl_coef or loss.full_kl_coef > 0): the loss would be zero",
             )
 
 
@@ -561,6 +589,13 @@ class OPDConfig:
             )
         if self.loss.topk_kl_coef > 0 and self.teacher.topk == 0:
             fail("teacher.topk", 0, "a positive K when loss.topk_kl_coef > 0")
+        if self.loss.full_kl_coef > 0 and self.teacher.backend != "megatron":
+            fail(
+                "loss.full_kl_coef",
+                self.loss.full_kl_coef,
+                "0 unless teacher.backend is 'megatron' (the other teachers return K logprobs per token, not the "
+                "whole distribution)",
+            )
 
     def check_world_size(self, world_size: int) -> int:
         """Validate the layout and batch sizes for ``world_size`` ranks; return the data-parallel size."""

@@ -8,6 +8,10 @@ The objective per distilled token t (mask = response tokens inside the horizon w
 
     loss_t = pg_coef * ( -sg(A_t) * log p_student(y_t) )          policy gradient on the log-ratio (Eq. 4-7)
            + topk_kl_coef * KL_K(t)                                 reverse KL over K tokens (Table 3, K = 16)
+           + full_kl_coef * KL(t)                                   exact reverse KL over the whole vocabulary
+
+``KL(t)`` (``full_reverse_kl``) needs the teacher's full distribution, so only the teacher inside the trainer
+(``teacher.backend: megatron``, ``two_model_token_terms_from_logits``) can supply it.
 
 ``A_t`` comes from ``algorithms.advantage`` (token-level A_t = r_t by default, Eq. 6). Its gradient is
 -A_t * grad log p_student(y_t), i.e. the paper's r_t * s_t ascent direction.
@@ -133,7 +137,18 @@ def topk_ids(
     k_local = min(k, z.shape[-1])
     # A stable sort (not torch.topk) so that among equal logits the lower id wins on every rank.
     vals, idx = torch.sort(z, dim=-1, descending=True, stable=True)
-    vals, idx = vals[..., :k_local], idx[..., :k_local] + vocab_start
+    return topk_of_candidates(vals[..., :k_local], idx[..., :k_local] + vocab_start, k, tp_group)[1]
+
+
+def topk_of_candidates(
+    vals: torch.Tensor, idx: torch.Tensor, k: int, tp_group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K best (value desc, then id asc) of candidate (logit, global id) pairs, over the TP group too.
+
+    vals, idx: [N, C] candidates of this rank (no gradient) -> ([N, K] values, [N, K] int64 ids). Used by
+    ``topk_ids`` and by the vocabulary-tiled paths, which merge a running top-K with each tile's.
+    """
+    vals, idx = vals.detach(), idx
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         world = dist.get_world_size(tp_group)
         all_vals = [torch.empty_like(vals) for _ in range(world)]
@@ -147,7 +162,7 @@ def topk_ids(
     order = torch.argsort(idx, dim=-1, stable=True)
     vals, idx = torch.gather(vals, -1, order), torch.gather(idx, -1, order)
     best = torch.sort(vals, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.gather(idx, -1, best)
+    return torch.gather(vals, -1, best), torch.gather(idx, -1, best)
 
 
 def entropy(logits: torch.Tensor, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -174,6 +189,26 @@ def topk_reverse_kl(
         s = torch.log_softmax(s, dim=-1)
         t = torch.log_softmax(t, dim=-1)
     return (torch.exp(s) * (s - t)).sum(-1)
+
+
+def full_reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Exact reverse KL(student || teacher) over the whole (sharded) vocabulary. [N, V/tp] x [N, V/tp] -> [N].
+
+    sum_v p_S(v) (log p_S(v) - log p_T(v)) = A / S - lse_S + lse_T with S = sum_v exp(z_S - m) and
+    A = sum_v exp(z_S - m) (z_S - z_T) (m: the global max, a constant shift). Written so, every TP sum is of
+    this rank's logits alone and the global log-partitions stay outside them, so the identity-backward sums give
+    each rank the exact gradient of its shard (a sum over exp(z - lse) would hand each rank only its own share
+    of d/d lse). Both shards must cover the same ids. Gradient flows to the student logits only:
+    dKL/dz_S(v) = p_S(v) ((log p_S(v) - log p_T(v)) - KL).
+    """
+    zs = student_logits.float()
+    zt = teacher_logits.detach().float()
+    m = tp_max(zs.max(dim=-1).values, tp_group).unsqueeze(-1)
+    e = torch.exp(zs - m)
+    ratio = tp_sum((e * (zs - zt)).sum(-1), tp_group) / tp_sum(e.sum(-1), tp_group)
+    return ratio - log_partition(zs, tp_group) + log_partition(zt, tp_group)
 
 
 def normalize(
@@ -212,8 +247,10 @@ def opd_loss(
     mask: torch.Tensor,
     *,
     topk_kl: torch.Tensor | None = None,
+    full_kl: torch.Tensor | None = None,
     pg_coef: float = 1.0,
     topk_kl_coef: float = 0.0,
+    full_kl_coef: float = 0.0,
     normalization: Normalization = "token_mean",
     constant: float = 1.0,
     num_tokens: float | torch.Tensor | None = None,
@@ -226,12 +263,15 @@ def opd_loss(
         advantages: [B, T] A_t (treated as constants).
         mask: [B, T] bool distilled tokens (response tokens inside the horizon window).
         topk_kl: [B, T] per-token top-K reverse KL, with gradient, or None.
+        full_kl: [B, T] per-token exact full-vocabulary reverse KL (``full_reverse_kl``), with gradient, or None.
     Returns:
         scalar loss.
     """
     per_token = pg_coef * policy_gradient_token_losses(student_logprobs, advantages)
     if topk_kl is not None and topk_kl_coef > 0:
         per_token = per_token + topk_kl_coef * topk_kl.float()
+    if full_kl is not None and full_kl_coef > 0:
+        per_token = per_token + full_kl_coef * full_kl.float()
     return normalize(
         per_token, mask, normalization, constant=constant, num_tokens=num_tokens, num_sequences=num_sequences
     )
@@ -269,3 +309,52 @@ def opd_token_terms_from_logits(
             logprobs_at(logits, ids, vocab_start, tp_group), teacher_topk_logprobs, renormalize
         )
     return logp, kl, ids
+
+
+def two_model_token_terms_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    topk: int = 0,
+    strategy: str = "student",
+    renormalize: bool = True,
+    full_kl: bool = False,
+    vocab_start: int = 0,
+    tp_group: dist.ProcessGroup | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Per-token terms when both models' logits are at hand (the teacher inside the trainer).
+
+    The specification ``loss/two_model.py`` reproduces without either [N, V] block.
+
+    Args:
+        student_logits, teacher_logits: [N, V/tp] over the same vocabulary shard (rank r: ids from vocab_start).
+        targets: [N] sampled token ids.
+        topk: K of the top-K reverse KL (0: none); the ids are the student's K most likely ('student', the paper's
+            default) or the teacher's ('teacher'), chosen without gradient.
+        full_kl: also return the exact full-vocabulary reverse KL (``full_reverse_kl``).
+    Returns:
+        {'logp': [N] log p_S(y), with gradient; 'teacher_logp': [N] log p_T(y), no gradient;
+         'ids': [N, K] or None; 'topk_kl': [N] or None; 'full_kl': [N] or None (both with gradient)}.
+    """
+    if strategy not in ("student", "teacher"):
+        raise ValueError(f"unknown top-K strategy {strategy!r}; use 'student' or 'teacher'")
+    zt = teacher_logits.detach().float()
+    out: dict[str, torch.Tensor | None] = {
+        "logp": token_logprobs(student_logits, targets, vocab_start, tp_group),
+        "teacher_logp": token_logprobs(zt, targets, vocab_start, tp_group),
+        "ids": None,
+        "topk_kl": None,
+        "full_kl": None,
+    }
+    if topk > 0:
+        ids = topk_ids(student_logits if strategy == "student" else zt, topk, vocab_start, tp_group)
+        out["ids"] = ids
+        out["topk_kl"] = topk_reverse_kl(
+            logprobs_at(student_logits, ids, vocab_start, tp_group),
+            logprobs_at(zt, ids, vocab_start, tp_group),
+            renormalize,
+        )
+    if full_kl:
+        out["full_kl"] = full_reverse_kl(student_logits, zt, tp_group)
+    return out

@@ -17,10 +17,12 @@ trainer masks the padding ids out of the softmax so logprobs match the unpadded 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -252,6 +254,23 @@ def build_model_chunks(model_cfg: ModelConfig, *, sequence_parallel: bool = Fals
             )
         )
     return chunks
+
+
+@contextlib.contextmanager
+def hidden_states_only(core: torch.nn.Module) -> Iterator[None]:
+    """Make a last-stage ``GPTModel`` return its final (normed) hidden states [S, B, H] instead of logits."""
+    core.post_process = False
+    try:
+        yield
+    finally:
+        core.post_process = True
+
+
+def lm_head_weight(core: torch.nn.Module) -> torch.Tensor:
+    """The last stage's LM-head weight shard [V_padded / TP, H] (the tied embedding where the head is tied)."""
+    if core.share_embeddings_and_output_weights:
+        return core.shared_embedding_or_output_weight()
+    return core.output_layer.weight
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:

@@ -1,7 +1,8 @@
 """Rollout engines: the student samples horizon-truncated responses here.
 
 - ``types.py``: ``RolloutResult`` (what every engine returns) and ``RolloutError`` (a batch that could not complete).
-- ``engine.py``: the ``RolloutEngine`` protocol and the factories ``build_rollout_engine`` / ``build_teacher_scorer``.
+- ``engine.py``: the ``RolloutEngine`` protocol, the factory ``build_rollout_engine`` and ``check_served_model``.
+  (Nothing here imports ``teacher/``; the teacher builds on this package.)
 - ``decoder.py`` + ``embedded.py``: the in-process engine (CPU default) on HF-named weights.
 - ``sglang_client.py``, ``sglang_engine.py``, ``sglang_weights.py``, ``sglang_server.py``: the SGLang backend (HTTP
   client, engine, weight sync, server launcher).

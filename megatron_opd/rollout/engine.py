@@ -1,8 +1,10 @@
-"""The rollout-engine interface, and the factories that build the configured student engine and teacher scorer.
+"""The rollout-engine interface, the factory that builds the configured student engine, and the served-model check.
 
-Why it exists: the training loop samples, syncs weights and scores through these two interfaces only, so the
-backend (in-process ``embedded`` on CPU, ``sglang`` servers at scale) is a config switch. The factories check at
-start-up that the backend can serve the configured top-K strategy, so a run never fails on it mid-way.
+Why it exists: the training loop samples and syncs weights through this interface only, so the backend
+(in-process ``embedded`` on CPU, ``sglang`` servers at scale) is a config switch. ``check_served_model`` refuses
+servers that serve another model (the teacher's factory, ``teacher/factory.py``, uses it too). This package does
+not import ``teacher/``: the teacher builds on the rollout layer (its decoder, the SGLang client, the error
+types), never the other way round.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ from typing import Protocol
 
 import torch
 
-from megatron_opd.config.tree import RolloutConfig, TeacherConfig
+from megatron_opd.config.tree import RolloutConfig
 from megatron_opd.rollout.types import RolloutResult
-from megatron_opd.teacher.scorer import TeacherScorer
 
-__all__ = ["RolloutEngine", "build_rollout_engine", "build_teacher_scorer", "check_served_model"]
+__all__ = ["RolloutEngine", "build_rollout_engine", "check_served_model", "sglang_client"]
 
 
 class RolloutEngine(Protocol):
@@ -39,7 +40,9 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries: int, role: str):
+def sglang_client(urls: list[str], max_concurrency: int, timeout_s: float, max_retries: int, role: str):
+    """An ``SGLangClient`` for ``urls`` whose errors name ``role`` (imported lazily: the embedded backends need
+    no HTTP stack)."""
     from megatron_opd.rollout.sglang_client import SGLangClient
 
     return SGLangClient(
@@ -145,7 +148,9 @@ def build_rollout_engine(
 
     if cfg.weight_sync == "disk" and weight_sync_dir is None:
         raise ValueError("rollout.weight_sync='disk' needs a weight_sync_dir the servers can read")
-    client = _client(cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries, "rollout")
+    client = sglang_client(
+        cfg.sglang_urls, cfg.max_concurrency, cfg.request_timeout_s, cfg.max_retries, "rollout"
+    )
     from megatron_opd.rollout.sglang_client import redact_url
 
     if not client.health():
@@ -161,7 +166,7 @@ def build_rollout_engine(
     sync_client = (
         client
         if targets == client.urls
-        else _client(targets, 4, cfg.request_timeout_s, cfg.max_retries, "rollout")
+        else sglang_client(targets, 4, cfg.request_timeout_s, cfg.max_retries, "rollout")
     )
     if cfg.weight_sync == "distributed":
         sync = DistributedWeightSync(
@@ -175,32 +180,3 @@ def build_rollout_engine(
     else:
         sync = DiskWeightSync(sync_client, hf_dir=hf_path, out_dir=weight_sync_dir)
     return SGLangEngine(client, weight_sync=sync)
-
-
-def build_teacher_scorer(
-    cfg: TeacherConfig,
-    *,
-    hf_path: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    max_concurrency: int = 64,
-    request_timeout_s: float = 600.0,
-    max_retries: int = 3,
-) -> TeacherScorer:
-    """The teacher of ``cfg.backend`` (embedded: on ``device`` in ``dtype``); sglang servers are probed now for ``cfg.topk`` / ``cfg.topk_strategy``."""
-    if cfg.backend == "embedded":
-        from megatron_opd.teacher.embedded import EmbeddedScorer
-
-        path = hf_path or cfg.hf_path
-        if path is None:
-            raise ValueError("teacher.backend='embedded' needs teacher.hf_path")
-        return EmbeddedScorer.from_hf_dir(path, dtype=dtype, device=device)
-    from megatron_opd.teacher.sglang_scorer import SGLangScorer
-
-    scorer = SGLangScorer(
-        _client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries, "teacher")
-    )
-    if hf_path or cfg.hf_path:
-        check_served_model(scorer.client, hf_path or cfg.hf_path, "teacher")
-    scorer.probe(cfg.topk, cfg.topk_strategy)
-    return scorer

@@ -44,7 +44,8 @@ class OPDBatch:
         tokens: [B, L] int64 prompt + response ids, right-padded (L = longest prompt + response, not T_max).
         prompt_lengths: [B] int64.
         response_lengths: [B] int64.
-        teacher_logprobs: [B, R] float32 teacher log p of response token j (R = longest response).
+        teacher_logprobs: [B, R] float32 teacher log p of response token j (R = longest response), or None when
+            the training step computes them itself (teacher.backend 'megatron': the teacher runs inside the step).
         window: response positions [start, end) distilled.
         topk_ids: [B, R, K] int64 ids of the top-K KL (the student's top-K from the rollout engine, or the
             teacher's), or None.
@@ -54,7 +55,7 @@ class OPDBatch:
     tokens: torch.Tensor
     prompt_lengths: torch.Tensor
     response_lengths: torch.Tensor
-    teacher_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor | None
     window: HorizonWindow
     topk_ids: torch.Tensor | None = None
     teacher_topk_logprobs: torch.Tensor | None = None
@@ -69,8 +70,9 @@ class OPDBatch:
             )
         if B and int((self.prompt_lengths + self.response_lengths).max()) > self.tokens.shape[1]:
             raise ValueError("tokens [B, L] is shorter than prompt + response for some sequence")
-        if self.teacher_logprobs.shape[0] != B or (
-            B and self.teacher_logprobs.shape[1] < int(self.response_lengths.max())
+        if self.teacher_logprobs is not None and (
+            self.teacher_logprobs.shape[0] != B
+            or (B and self.teacher_logprobs.shape[1] < int(self.response_lengths.max()))
         ):
             raise ValueError("teacher_logprobs must be [B, R] with R >= the longest response")
         if (self.topk_ids is None) != (self.teacher_topk_logprobs is None):
@@ -83,16 +85,21 @@ class OPDBatch:
         cls,
         prompts: list[list[int]],
         responses: list[list[int]],
-        teacher_logprobs: list[list[float]],
+        teacher_logprobs: list[list[float]] | None,
         window: HorizonWindow,
         topk_ids: list | torch.Tensor | None = None,
         teacher_topk_logprobs: list | torch.Tensor | None = None,
         pad_id: int = 0,
     ) -> OPDBatch:
-        """Pad ragged rollouts into an ``OPDBatch``. Top-K inputs are per sequence [R_b][K] (lists or tensors)."""
-        if not len(prompts) == len(responses) == len(teacher_logprobs):
+        """Pad ragged rollouts into an ``OPDBatch``. Top-K inputs are per sequence [R_b][K] (lists or tensors).
+        ``teacher_logprobs`` None: the step scores (teacher.backend 'megatron')."""
+        if (
+            not len(prompts)
+            == len(responses)
+            == len(responses if teacher_logprobs is None else teacher_logprobs)
+        ):
             raise ValueError("prompts, responses and teacher_logprobs must have one entry per rollout")
-        for b, (r, t) in enumerate(zip(responses, teacher_logprobs)):
+        for b, (r, t) in enumerate(zip(responses, teacher_logprobs or [])):
             if len(t) < len(r):
                 raise ValueError(f"rollout {b}: {len(t)} teacher logprobs for {len(r)} response tokens")
         seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
@@ -119,7 +126,9 @@ class OPDBatch:
             tokens=_pad_2d(seqs, L, pad_id, torch.long),
             prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long),
             response_lengths=torch.tensor([len(r) for r in responses], dtype=torch.long),
-            teacher_logprobs=_pad_2d(
+            teacher_logprobs=None
+            if teacher_logprobs is None
+            else _pad_2d(
                 [list(t)[: len(r)] for t, r in zip(teacher_logprobs, responses)], R, 0.0, torch.float32
             ),
             window=window,
@@ -128,13 +137,20 @@ class OPDBatch:
         )
 
     @property
+    def response_width(self) -> int:
+        """R, the padded response length of the [B, R] per-token tensors."""
+        if self.teacher_logprobs is not None:
+            return self.teacher_logprobs.shape[1]
+        return max(int(self.response_lengths.max()) if self.size else 1, 1)
+
+    @property
     def size(self) -> int:
         """Number of sequences B."""
         return self.tokens.shape[0]
 
     def response_mask(self) -> torch.Tensor:
         """[B, R] bool: real response tokens inside the horizon window."""
-        R = self.teacher_logprobs.shape[1]
+        R = self.response_width
         real = torch.arange(R).unsqueeze(0) < self.response_lengths.unsqueeze(1)
         return self.window.mask(real)
 
@@ -157,7 +173,7 @@ class OPDBatch:
             tokens=self.tokens[index, :L],
             prompt_lengths=P,
             response_lengths=Rl,
-            teacher_logprobs=self.teacher_logprobs[index, :R],
+            teacher_logprobs=None if self.teacher_logprobs is None else self.teacher_logprobs[index, :R],
             topk_ids=None if self.topk_ids is None else self.topk_ids[index, :R],
             teacher_topk_logprobs=None
             if self.teacher_topk_logprobs is None
@@ -189,7 +205,7 @@ class OPDBatch:
             self,
             tokens=self.tokens[:, :L],
             response_lengths=keep,
-            teacher_logprobs=self.teacher_logprobs[:, :R],
+            teacher_logprobs=None if self.teacher_logprobs is None else self.teacher_logprobs[:, :R],
             topk_ids=None if self.topk_ids is None else self.topk_ids[:, :R],
             teacher_topk_logprobs=None
             if self.teacher_topk_logprobs is None
@@ -201,7 +217,7 @@ class OPDBatch:
 
         Positions past a sequence's end are clamped to valid indices; mask them with ``response_mask``.
         """
-        R = self.teacher_logprobs.shape[1]
+        R = self.response_width
         j = torch.arange(R).unsqueeze(0)
         logit_pos = (self.prompt_lengths.unsqueeze(1) - 1 + j).clamp(max=self.tokens.shape[1] - 1)
         target_pos = (logit_pos + 1).clamp(max=self.tokens.shape[1] - 1)

@@ -166,13 +166,20 @@ def _plan(lengths: torch.Tensor, rows: range, micro_batch_size: int) -> list[tup
 
 
 def _allocate(
-    plan: list[tuple[range, int, int]], lengths: torch.Tensor, K: int, window: HorizonWindow
+    plan: list[tuple[range, int, int]],
+    lengths: torch.Tensor,
+    K: int,
+    window: HorizonWindow,
+    teacher: bool = True,
 ) -> tuple[list[torch.Tensor], list[OPDBatch]]:
     """One flat buffer per field for a whole share (so it travels in one message per field), and the
-    micro-batches as views into them: tokens [b, L] int64, teacher logprobs [b, R] fp32, top-K [b, R, K]."""
+    micro-batches as views into them: tokens [b, L] int64, teacher logprobs [b, R] fp32 (unless ``teacher`` is
+    False: the step scores, teacher.backend 'megatron'), top-K [b, R, K]."""
     n_tok = sum(len(rows) * L for rows, L, _ in plan)
     n_resp = sum(len(rows) * R for rows, _, R in plan)
-    flats = [torch.empty(n_tok, dtype=torch.long), torch.empty(n_resp, dtype=torch.float32)]
+    flats = [torch.empty(n_tok, dtype=torch.long)]
+    if teacher:
+        flats.append(torch.empty(n_resp, dtype=torch.float32))
     if K:
         flats += [torch.empty(n_resp * K, dtype=torch.long), torch.empty(n_resp * K, dtype=torch.float32)]
     batches, o_tok, o_resp = [], 0, 0
@@ -183,10 +190,10 @@ def _allocate(
                 tokens=flats[0][o_tok : o_tok + b * L].view(b, L),
                 prompt_lengths=lengths[rows.start : rows.stop, 0].clone(),
                 response_lengths=lengths[rows.start : rows.stop, 1].clone(),
-                teacher_logprobs=flats[1][o_resp : o_resp + b * R].view(b, R),
+                teacher_logprobs=flats[1][o_resp : o_resp + b * R].view(b, R) if teacher else None,
                 window=window,
-                topk_ids=flats[2][o_resp * K : (o_resp + b * R) * K].view(b, R, K) if K else None,
-                teacher_topk_logprobs=flats[3][o_resp * K : (o_resp + b * R) * K].view(b, R, K)
+                topk_ids=flats[-2][o_resp * K : (o_resp + b * R) * K].view(b, R, K) if K else None,
+                teacher_topk_logprobs=flats[-1][o_resp * K : (o_resp + b * R) * K].view(b, R, K)
                 if K
                 else None,
             )
@@ -195,7 +202,9 @@ def _allocate(
     return flats, batches
 
 
-def _fill(batch: OPDBatch, rollouts: RolloutResult, scores: TeacherScores, rows: range, pad_id: int) -> None:
+def _fill(
+    batch: OPDBatch, rollouts: RolloutResult, scores: TeacherScores | None, rows: range, pad_id: int
+) -> None:
     """Write sequences ``rows`` into a micro-batch's buffers, padding included (each byte written once: the
     top-K buffers are most of the bytes, and zeroing them first would cost as much as the copy)."""
     K = 0 if batch.topk_ids is None else batch.topk_ids.shape[-1]
@@ -203,8 +212,9 @@ def _fill(batch: OPDBatch, rollouts: RolloutResult, scores: TeacherScores, rows:
         batch.tokens[j, :p] = _as_vector(rollouts.prompt_ids[i], p, torch.long)
         batch.tokens[j, p : p + n] = _as_vector(rollouts.response_ids[i], n, torch.long)
         batch.tokens[j, p + n :] = pad_id
-        batch.teacher_logprobs[j, :n] = _as_vector(scores.logprobs[i], n, torch.float32)
-        batch.teacher_logprobs[j, n:] = 0.0
+        if batch.teacher_logprobs is not None:
+            batch.teacher_logprobs[j, :n] = _as_vector(scores.logprobs[i], n, torch.float32)
+            batch.teacher_logprobs[j, n:] = 0.0
         if K:
             if n:
                 batch.topk_ids[j, :n] = _as_rows(scores.topk_ids[i], n, K, torch.long)
@@ -213,8 +223,13 @@ def _fill(batch: OPDBatch, rollouts: RolloutResult, scores: TeacherScores, rows:
             batch.teacher_topk_logprobs[j, n:] = 0.0
 
 
-def _check_scored(rollouts: RolloutResult, scores: TeacherScores) -> int:
-    """Validate what rank 0 hands over (the checks of ``OPDBatch.from_lists``); returns K (0 without top-K)."""
+def _check_scored(rollouts: RolloutResult, scores: TeacherScores | None) -> int:
+    """Validate what rank 0 hands over (the checks of ``OPDBatch.from_lists``); returns K (0 without top-K).
+    ``scores`` None: the training step scores the rollouts itself (teacher.backend 'megatron')."""
+    if len(rollouts.prompt_ids) != len(rollouts.response_ids):
+        raise ValueError("prompts and responses must have one entry per rollout")
+    if scores is None:
+        return 0
     prompts, responses, teacher = rollouts.prompt_ids, rollouts.response_ids, scores.logprobs
     if not len(prompts) == len(responses) == len(teacher):
         raise ValueError("prompts, responses and teacher_logprobs must have one entry per rollout")
@@ -228,7 +243,7 @@ def _check_scored(rollouts: RolloutResult, scores: TeacherScores) -> int:
 
 def build_micro_batches(
     rollouts: RolloutResult,
-    scores: TeacherScores,
+    scores: TeacherScores | None,
     window: HorizonWindow,
     rows: range,
     micro_batch_size: int,
@@ -246,7 +261,7 @@ def build_micro_batches(
 
 
 def _build(rollouts, scores, window, plan, lengths, K, pad_id) -> tuple[list[torch.Tensor], list[OPDBatch]]:
-    flats, batches = _allocate(plan, lengths, K, window)
+    flats, batches = _allocate(plan, lengths, K, window, teacher=scores is not None)
     for (rows, _, _), batch in zip(plan, batches):
         _fill(batch, rollouts, scores, rows, pad_id)
     return flats, batches
@@ -298,15 +313,16 @@ def hand_over(
 ) -> tuple[list[OPDBatch], dict[str, float] | None]:
     """This rank's micro-batches of rank 0's scored rollouts, and rank 0's ``extra`` (small scalars).
 
-    Rank 0 passes ``rollouts``, ``scores`` and ``extra``; every other rank passes None and waits on the store
+    Rank 0 passes ``rollouts``, ``scores`` (None when the step scores: teacher.backend 'megatron') and ``extra``;
+    every other rank passes None and waits on the store
     (module doc). All ranks call it with the same ``window``, ``micro_batch_size`` and ``pad_id``. Returns
     what the old path returned, bit for bit: ``OPDBatch.from_lists(...).shard(dp_rank, dp_size)`` split into
     ``shard.size // micro_batch_size`` micro-batches (each padded to its own real length), and ``extra``.
     """
     world = dist.get_world_size(groups.world) if dist.is_initialized() else 1
     rank = dist.get_rank(groups.world) if dist.is_initialized() else 0
-    if rank == 0 and (rollouts is None or scores is None):
-        raise ValueError("hand-over: rank 0 must pass the rollouts and the teacher scores")
+    if rank == 0 and rollouts is None:
+        raise ValueError("hand-over: rank 0 must pass the rollouts")
     if world == 1:
         return build_micro_batches(
             rollouts, scores, window, range(len(rollouts)), micro_batch_size, pad_id
@@ -323,14 +339,14 @@ def hand_over(
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the waiting ranks
             failure, K = e, 0
         _post(store)
-        header = torch.tensor([-1 if failure else len(rollouts), K], dtype=torch.long)
+        header = torch.tensor([-1 if failure else len(rollouts), K, scores is not None], dtype=torch.long)
     else:
         wait_for_controller(store, rank, heartbeat_s=heartbeat_s)
-        header = torch.empty(2, dtype=torch.long)
+        header = torch.empty(3, dtype=torch.long)
 
     # shapes first: every rank derives every micro-batch's padded shape from the [B, 2] lengths
     _broadcast([header], groups.world)
-    B, K = header.tolist()
+    B, K, teacher = header.tolist()
     box = [(extra, None if failure is None else f"{type(failure).__name__}: {failure}")]
     dist.broadcast_object_list(box, group=groups.world, group_src=0)
     extra, message = box[0]
@@ -343,7 +359,11 @@ def hand_over(
     _broadcast([lengths], groups.world)
     if rank != 0:
         plans = _plans(lengths, groups.dp_size, micro_batch_size)
-    flats, batches = shares[0] if rank == 0 else _allocate(plans[groups.dp_rank], lengths, K, window)
+    flats, batches = (
+        shares[0]
+        if rank == 0
+        else _allocate(plans[groups.dp_rank], lengths, K, window, teacher=bool(teacher))
+    )
 
     if groups.dp is not None:  # rank 0 and the other data-parallel ranks' leaders
         device = _comm_device(groups.dp)

@@ -39,8 +39,9 @@ from megatron_opd.loss.metrics import position_bucket_scalars
 from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
 from megatron_opd.model.hf_conversion.live import load_hf_weights
 from megatron_opd.parallel.state import ParallelInfo, initialize_parallel
-from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine
 from megatron_opd.rollout.types import RolloutResult
+from megatron_opd.teacher.factory import build_teacher_scorer
 from megatron_opd.teacher.scorer import TeacherScorer, TeacherScores
 from megatron_opd.teacher.vocab import check_teacher_student_vocab
 from megatron_opd.training import checkpoint as ckpt
@@ -132,6 +133,18 @@ def setup_run(cfg: OPDConfig) -> Run:
     chunks = build_model_chunks(model_cfg, sequence_parallel=cfg.parallel.sequence_parallel)
     load_hf_weights(chunks, cfg.model.hf_path, model_cfg, tp_group=mpu.get_tensor_model_parallel_group())
     training = setup_training(chunks, cfg.optimizer, total_steps=total)
+    vocab_size = min(len(tokenizer), model_cfg.vocab_size)
+    in_step_teacher = None
+    if cfg.teacher.backend == "megatron":  # every rank holds its shard of the teacher, forward-only
+        from megatron_opd.teacher.megatron import MegatronTeacher
+
+        in_step_teacher = MegatronTeacher.build(
+            cfg.teacher,
+            model_cfg,
+            vocab_size=vocab_size,
+            topk=cfg.teacher.topk if cfg.loss.topk_kl_coef > 0 else 0,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
     train_step = TrainStep(
         training.model,
         training.optimizer,
@@ -139,10 +152,11 @@ def setup_run(cfg: OPDConfig) -> Run:
         cfg.loss,
         # Sampling and scoring use the tokenizer's vocabulary; embedding rows past it (Qwen pads 151,665 to
         # 151,936) are excluded from the trainer's softmax too, so all three normalise over the same tokens.
-        vocab_size=min(len(tokenizer), model_cfg.vocab_size),
+        vocab_size=vocab_size,
         impl=cfg.loss.impl,
         chunk_size=cfg.loss.chunk_size,
         fp8_lm_head=cfg.loss.fp8_lm_head,
+        teacher=in_step_teacher,
     )
     schedule = build_horizon_schedule(cfg.horizon, cfg.rollout.max_response_length)
     log_dir = cfg.logging.log_dir or cfg.checkpoint.save
@@ -222,15 +236,16 @@ def _build_engines(run: Run) -> None:
             else "127.0.0.1"
         ),
     )
-    run.teacher = build_teacher_scorer(
-        cfg.teacher,
-        dtype=engine_dtype,
-        device=engine_device,
-        max_concurrency=cfg.rollout.max_concurrency,
-        request_timeout_s=cfg.rollout.request_timeout_s,
-        max_retries=cfg.rollout.max_retries,
-    )
-    if cfg.eval.eval_teacher and cfg.teacher.backend == "embedded":
+    if cfg.teacher.backend != "megatron":  # the Megatron teacher lives in the train step, on every rank
+        run.teacher = build_teacher_scorer(
+            cfg.teacher,
+            dtype=engine_dtype,
+            device=engine_device,
+            max_concurrency=cfg.rollout.max_concurrency,
+            request_timeout_s=cfg.rollout.request_timeout_s,
+            max_retries=cfg.rollout.max_retries,
+        )
+    if cfg.eval.eval_teacher and cfg.teacher.backend in ("embedded", "megatron"):
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
         run.teacher_engine = EmbeddedEngine.from_hf_dir(
@@ -344,7 +359,13 @@ def _resume(run: Run) -> None:
 # the phases of a step
 # ----------------------------------------------------------------------------------------------------------
 def _wants_student_topk(cfg: OPDConfig) -> bool:
-    return cfg.loss.topk_kl_coef > 0 and cfg.teacher.topk > 0 and cfg.teacher.topk_strategy == "student"
+    """Whether the rollout engine must return the student's top-K ids (the Megatron teacher's loss finds them)."""
+    return (
+        cfg.loss.topk_kl_coef > 0
+        and cfg.teacher.topk > 0
+        and cfg.teacher.topk_strategy == "student"
+        and cfg.teacher.backend != "megatron"
+    )
 
 
 def generate_rollouts(
@@ -368,8 +389,10 @@ def generate_rollouts(
 
 
 def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | None:
-    """Rank 0: the teacher's logprobs of every response token (and top-K terms when the loss uses them)."""
-    if not run.is_controller:
+    """Rank 0: the teacher's logprobs of every response token (and top-K terms when the loss uses them).
+
+    None with teacher.backend 'megatron': that teacher scores inside the train step."""
+    if not run.is_controller or run.cfg.teacher.backend == "megatron":
         return None
     cfg = run.cfg
     topk = cfg.teacher.topk if cfg.loss.topk_kl_coef > 0 else 0
@@ -385,7 +408,8 @@ def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | 
 def make_micro_batches(
     run: Run, rollouts: RolloutResult | None, scores: TeacherScores | None, window: HorizonWindow
 ) -> tuple[list[OPDBatch], dict[str, float]]:
-    """Hand rank 0's scored rollouts over as tensors; return this rank's micro-batches and rollout statistics."""
+    """Hand rank 0's scored rollouts over as tensors (``scores`` None: the step scores, teacher.backend
+    'megatron'); return this rank's micro-batches and rollout statistics."""
     return hand_over(
         rollouts,
         scores,

@@ -19,11 +19,16 @@ each micro-batch is cut to the window's end and padded only to its own real leng
 
 A non-finite loss or gradient skips the update on every rank (weights, optimizer state and LR schedule
 unchanged) and says so in the result.
+
+Teacher inside the step (``teacher=``, ``teacher.backend: megatron``): before the student's schedule the teacher
+runs Megatron's forward-only schedule over the same micro-batches and leaves, on the last stage, its final hidden
+states at the distilled positions; the student's loss then takes log p_T(y), the top-K KL (ids chosen inside) and
+the optional full-vocabulary KL from both models' hidden states and LM heads (``loss/two_model.py``), so the
+batch carries no teacher scores (``OPDBatch.teacher_logprobs`` None).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +48,8 @@ from megatron_opd.algorithms.advantage import opd_advantages
 from megatron_opd.config.tree import LossConfig
 from megatron_opd.loss import reference
 from megatron_opd.loss.metrics import position_sums
+from megatron_opd.model.builders import hidden_states_only, lm_head_weight
+from megatron_opd.teacher.megatron import MegatronTeacher
 from megatron_opd.training.batch import OPDBatch
 
 _PAD_LOGIT = -1e30  # finite (not -inf) so entropy-style p * z terms stay 0 instead of NaN
@@ -101,6 +108,7 @@ class _MicroBatch:
     targets: torch.Tensor  # [N] its token id
     topk_ids: torch.Tensor | None  # [N, K]
     teacher_topk: torch.Tensor | None  # [N, K]
+    teacher_hidden: torch.Tensor | None = None  # [N, H_t] the in-step teacher's rows (last stage), or None
 
 
 _FP8_TOKEN_MULTIPLE = 8  # TE's FP8 GEMMs need each rank's token count divisible by 8
@@ -127,7 +135,7 @@ def _prepare(
         batch = batch.trimmed_to_window()
     mask = batch.response_mask()
     if whole_response:
-        R = batch.teacher_logprobs.shape[1]
+        R = batch.response_width
         mask = torch.arange(R).unsqueeze(0) < batch.response_lengths.unsqueeze(1)
     logit_pos, targets = batch.response_positions()
     rows, cols = mask.nonzero(as_tuple=True)
@@ -153,22 +161,6 @@ def _prepare(
     )
 
 
-@contextlib.contextmanager
-def _hidden_states_only(core: torch.nn.Module) -> Iterator[None]:
-    """Make the last stage's GPTModel return its final (normed) hidden states [S, B, H] instead of logits."""
-    core.post_process = False
-    try:
-        yield
-    finally:
-        core.post_process = True
-
-
-def _lm_head_weight(core: torch.nn.Module) -> torch.Tensor:
-    if core.share_embeddings_and_output_weights:
-        return core.shared_embedding_or_output_weight()
-    return core.output_layer.weight
-
-
 def _device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())
@@ -189,6 +181,7 @@ class TrainStep:
             LM-head path of ``loss.adapter`` ('chunked', 'triton', 'auto'); pass ``loss_cfg.impl`` to follow the
             config.
         chunk_size, fp8_lm_head: for the fused paths (``loss.adapter.opd_token_terms``).
+        teacher: the in-step Megatron teacher (module doc), or None when the batches carry teacher scores.
     """
 
     def __init__(
@@ -202,6 +195,7 @@ class TrainStep:
         impl: str = "reference",
         chunk_size: int = 1024,
         fp8_lm_head: bool = False,
+        teacher: MegatronTeacher | None = None,
     ) -> None:
         if mpu.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism is not supported by the OPD step yet (use CP = 1)")
@@ -213,6 +207,7 @@ class TrainStep:
         self.impl = impl
         self.chunk_size = chunk_size
         self.fp8_lm_head = fp8_lm_head
+        self.teacher = teacher
         self.config = get_model_config(model[0])
         self.device = _device()
         self.tp_group = mpu.get_tensor_model_parallel_group()
@@ -256,7 +251,7 @@ class TrainStep:
         """hidden [S, b, H] -> (logp [N], top-K KL [N] or None) through ``loss.adapter`` (fused LM head)."""
         from megatron_opd.loss.adapter import copy_to_tp_region, opd_token_terms
 
-        weight = _lm_head_weight(core)
+        weight = lm_head_weight(core)
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
             rows = hidden.transpose(0, 1)[mb.rows, mb.logit_pos]
@@ -284,13 +279,46 @@ class TrainStep:
             fp8=self.fp8_lm_head,
         )
 
+    def _two_model_terms(
+        self, mb: _MicroBatch, core: torch.nn.Module, hidden: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        """hidden [S, b, H_s] and the teacher's rows -> ``loss.two_model`` terms (logp, teacher_logp, top-K and
+        full KL, [N] each or None); padding ids (>= the real vocabulary) stay out of every softmax."""
+        from megatron_opd.loss.adapter import copy_to_tp_region
+        from megatron_opd.loss.two_model import two_model_terms
+
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+            rows = hidden.transpose(0, 1)[mb.rows, mb.logit_pos]
+        else:
+            rows = copy_to_tp_region(hidden.transpose(0, 1)[mb.rows, mb.logit_pos], self.tp_group)
+        weight = lm_head_weight(core)
+        teacher_weight, vocab_start = self.teacher.lm_head()
+        cfg = self.loss_cfg
+        return two_model_terms(
+            rows,
+            weight,
+            mb.teacher_hidden,
+            teacher_weight,
+            mb.targets,
+            topk=self.teacher.topk if cfg.topk_kl_coef > 0 else 0,
+            strategy=self.teacher.strategy,
+            renormalize=cfg.topk_renormalize,
+            full_kl=cfg.full_kl_coef > 0,
+            vocab_start=vocab_start,
+            tp_group=self.tp_group,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+        )
+
     # ------------------------------------------------------------------------------------------------
     # the loss and its metrics
     # ------------------------------------------------------------------------------------------------
     def _reset_accumulators(self, positions: int) -> None:
         f64 = dict(dtype=torch.float64, device=self.device)
-        # loss, log-ratio sum, KL sum, KL count, tokens, non-finite loss flag
-        self._acc = torch.zeros(6, **f64)
+        # loss, log-ratio sum, KL sum, KL count, tokens, non-finite loss flag, full-KL sum, full-KL count
+        self._acc = torch.zeros(8, **f64)
         self._pos = torch.zeros(3, positions, **f64)  # log-ratio sum, KL sum, count
         self._logprobs: list[torch.Tensor] = []
 
@@ -300,20 +328,33 @@ class TrainStep:
         return out.index_put((mb.rows, mb.cols), values)
 
     def _loss(
-        self, mb: _MicroBatch, logp_flat: torch.Tensor, kl_flat: torch.Tensor | None
+        self,
+        mb: _MicroBatch,
+        logp_flat: torch.Tensor,
+        kl_flat: torch.Tensor | None,
+        teacher_flat: torch.Tensor | None = None,
+        full_kl_flat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss from its [N] terms; ``teacher_flat`` (log p_T(y) from the in-step teacher)
+        replaces the batch's teacher logprobs, ``full_kl_flat`` is the full-vocabulary KL."""
         cfg = self.loss_cfg
         logp = self._scatter(mb, logp_flat.float())
-        teacher = mb.batch.teacher_logprobs.to(self.device)
+        if teacher_flat is not None:
+            teacher = self._scatter(mb, teacher_flat.detach().float())
+        else:
+            teacher = mb.batch.teacher_logprobs.to(self.device)
         adv = opd_advantages(teacher, logp.detach(), mb.mask, cfg.gamma)
         kl = None if kl_flat is None else self._scatter(mb, kl_flat.float())
+        full = None if full_kl_flat is None else self._scatter(mb, full_kl_flat.float())
         loss = reference.opd_loss(
             logp,
             adv,
             mb.mask,
             topk_kl=kl,
+            full_kl=full,
             pg_coef=cfg.pg_coef,
             topk_kl_coef=cfg.topk_kl_coef,
+            full_kl_coef=cfg.full_kl_coef,
             normalization=cfg.normalization,
             constant=cfg.normalization_constant,
             num_tokens=self._global_tokens,
@@ -332,6 +373,9 @@ class TrainStep:
                 self._pos[1, :n] += kl_sum
                 self._acc[2] += kl_sum.sum()
                 self._acc[3] += mb.mask.sum()
+            if full is not None:
+                self._acc[6] += (full.detach() * mb.mask).double().sum()
+                self._acc[7] += mb.mask.sum()
             self._acc[0] += loss.detach().double()
             self._acc[5] += float(not torch.isfinite(loss.detach()))
         # Megatron divides by the micro-batch count and DDP averages over DP ranks: undo both (module doc).
@@ -342,6 +386,9 @@ class TrainStep:
         return self._loss(mb, *self._terms_from_logits(mb, logits))
 
     def _loss_from_hidden(self, mb: _MicroBatch, core: torch.nn.Module, hidden: torch.Tensor):
+        if mb.teacher_hidden is not None:
+            t = self._two_model_terms(mb, core, hidden)
+            return self._loss(mb, t["logp"], t["topk_kl"], t["teacher_logp"], t["full_kl"])
         return self._loss(mb, *self._terms_from_hidden(mb, core, hidden))
 
     def _logprobs_only(self, mb: _MicroBatch, logits: torch.Tensor):
@@ -358,8 +405,8 @@ class TrainStep:
         mb = next(data_iterator)
         core = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
         last = core.post_process
-        if last and not forward_only and self.impl != "reference":
-            with _hidden_states_only(core):
+        if last and not forward_only and (self.impl != "reference" or mb.teacher_hidden is not None):
+            with hidden_states_only(core):
                 hidden = model(mb.tokens, mb.position_ids, None)
             return hidden, partial(self._loss_from_hidden, mb, core)
         out = model(mb.tokens, mb.position_ids, None)
@@ -447,7 +494,12 @@ class TrainStep:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.teacher is not None:
+            for m, rows in zip(micro, self.teacher.hidden_rows(micro) or []):
+                m.teacher_hidden = rows
         self._run_schedule(micro, forward_only=False)
+        if self.teacher is not None:
+            self.teacher.release()
         acc, pos = self._reduce_metrics()
 
         skip_reason = None
@@ -483,6 +535,7 @@ class TrainStep:
             position_log_ratio_sum=pos[0].cpu(),
             position_topk_kl_sum=pos[1].cpu(),
             position_count=pos[2].cpu(),
+            extra={"full_kl_mean": float(acc[6] / acc[7])} if acc[7] > 0 else {},
         )
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import transformers
 
 from megatron_opd.config.tree import RolloutConfig, TeacherConfig
 from megatron_opd.rollout.decoder import load_hf_state_dict
-from megatron_opd.rollout.engine import build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.engine import build_rollout_engine
 from megatron_opd.rollout.sglang_client import SGLangClient
 from megatron_opd.rollout.sglang_engine import SGLangEngine
 from megatron_opd.rollout.sglang_server import SGLangServer, default_sglang_python, free_port
@@ -27,6 +27,7 @@ from megatron_opd.rollout.sglang_weights import buckets_by_bytes
 from megatron_opd.rollout.tiny_model import EOS_ID, make_tiny_hf_model
 from megatron_opd.rollout.types import RolloutError
 from megatron_opd.teacher.embedded import EmbeddedScorer
+from megatron_opd.teacher.factory import build_teacher_scorer
 from megatron_opd.teacher.sglang_scorer import SGLangScorer
 
 pytestmark = [

@@ -86,3 +86,22 @@ def test_validation() -> None:
         OPDBatch.from_lists([[1]], [[2, 3]], [[-1.0]], HorizonWindow(0, 2, 2))
     with pytest.raises(ValueError, match="at least one token"):
         OPDBatch.from_lists([[]], [[2]], [[-1.0]], HorizonWindow(0, 1, 1))
+
+
+def test_a_batch_without_teacher_scores_has_the_same_layout():
+    """teacher.backend 'megatron': the step scores, so the batch carries no teacher logprobs; masks, positions,
+    splits and trims are those of the same batch with scores."""
+    prompts, resps = [[5, 6], [7], [8, 9, 10]], [[1, 2, 3], [4], [11, 12]]
+    window = HorizonWindow(0, 2, 3)
+    scored = OPDBatch.from_lists(prompts, resps, [[0.0] * len(r) for r in resps], window)
+    bare = OPDBatch.from_lists(prompts, resps, None, window)
+    assert bare.teacher_logprobs is None and bare.response_width == scored.response_width == 3
+    assert torch.equal(bare.response_mask(), scored.response_mask())
+    for a, b in zip(bare.response_positions(), scored.response_positions()):
+        assert torch.equal(a, b)
+    for part_a, part_b in zip(bare.select([2, 1]).split(2), scored.select([2, 1]).split(2)):
+        assert part_a.teacher_logprobs is None
+        assert part_a.response_width == part_b.response_width
+        assert torch.equal(part_a.response_mask(), part_b.response_mask())
+    trimmed = bare.trimmed_to_window()
+    assert trimmed.response_width == 2 and trimmed.num_distilled_tokens() == scored.num_distilled_tokens()

@@ -241,3 +241,48 @@ def test_a_negative_number_on_the_command_line_is_a_value(argv, key, value):
     assert parse_config(["--train.seed", "-3"]).train.seed == -3
     with pytest.raises(ConfigError, match="unknown command-line argument '-x'"):
         parse_config(["-x"])  # a lone dash-word is still an unknown option, not a number
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["--teacher.backend", "megatron"],
+            "'teacher.backend': got 'megatron'; allowed: teacher.hf_path set",
+        ),
+        (["--loss.full_kl_coef", "0.5"], "'loss.full_kl_coef': got 0.5; allowed: 0 unless teacher.backend"),
+        (["--loss.full_kl_coef", "-1"], "'loss.full_kl_coef'"),
+        (["--teacher.offload", "true"], "'teacher.offload': got True; allowed: teacher.backend 'megatron'"),
+        (
+            [
+                "--teacher.backend",
+                "megatron",
+                "--teacher.hf_path",
+                "t",
+                "--teacher.sglang_urls",
+                "http://a:1",
+            ],
+            "no URLs with teacher.backend 'megatron'",
+        ),
+    ],
+)
+def test_megatron_teacher_options_are_checked(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert needle in str(e.value)
+
+
+def test_megatron_teacher_with_full_kl_only_is_a_valid_loss():
+    cfg = parse_config(
+        [
+            "--teacher.backend",
+            "megatron",
+            "--teacher.hf_path",
+            "t",
+            "--loss.pg_coef",
+            "0",
+            "--loss.full_kl_coef",
+            "1",
+        ]
+    )
+    assert cfg.teacher.backend == "megatron" and cfg.loss.full_kl_coef == 1.0

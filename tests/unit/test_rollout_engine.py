@@ -9,13 +9,14 @@ import pytest
 
 from megatron_opd.config.tree import RolloutConfig, TeacherConfig
 from megatron_opd.rollout.embedded import EmbeddedEngine
-from megatron_opd.rollout.engine import build_rollout_engine, build_teacher_scorer
+from megatron_opd.rollout.engine import build_rollout_engine
 from megatron_opd.rollout.sglang_client import SGLangClient
 from megatron_opd.rollout.sglang_engine import parse_generation
 from megatron_opd.rollout.sglang_server import free_port
 from megatron_opd.rollout.tiny_model import make_tiny_hf_model
 from megatron_opd.rollout.types import RolloutError, RolloutResult
 from megatron_opd.teacher.embedded import EmbeddedScorer
+from megatron_opd.teacher.factory import build_teacher_scorer
 from megatron_opd.teacher.sglang_scorer import plan_runs
 
 
@@ -125,3 +126,24 @@ def test_embedded_engine_placement(tmp_path):
     scorer = build_teacher_scorer(TeacherConfig(hf_path=path), dtype=dtype, device=dev)
     for decoder in (engine.decoder, scorer.decoder):
         assert torch.device(decoder.device).type == dev.type and decoder.dtype == dtype
+
+
+def test_rollout_package_does_not_import_the_teacher_package():
+    """The layering of issue 13: teacher/ builds on rollout/ (decoder, SGLang client, errors), never the reverse."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, megatron_opd.rollout as pkg\n"
+        "for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "    importlib.import_module(f'megatron_opd.rollout.{m.name}')\n"
+        "print(sorted(n for n in sys.modules if n.startswith('megatron_opd.teacher')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_megatron_teacher_is_not_a_scorer_factory_product():
+    with pytest.raises(ValueError, match="inside the trainer"):
+        build_teacher_scorer(TeacherConfig(hf_path="t", backend="megatron"))
