@@ -77,6 +77,23 @@ def test_micro_batches_equal_from_lists_split(topk: bool, as_tensors: bool, micr
         _assert_same(a, b)
 
 
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_without_teacher_scores_the_batches_carry_none(micro: int) -> None:
+    """teacher.backend 'megatron': the step scores, so nothing of the teacher is handed over."""
+    rollouts, _ = _scored(False, False)
+    old = OPDBatch.from_lists(rollouts.prompt_ids, rollouts.response_ids, None, WINDOW, pad_id=7)
+    new = build_micro_batches(rollouts, None, WINDOW, range(4), micro, pad_id=7)
+    expect = old.split(4 // micro)
+    assert len(new) == len(expect)
+    for a, b in zip(new, expect):
+        assert a.teacher_logprobs is None and a.topk_ids is None
+        _assert_same(a, b)
+    batches, _ = hand_over(
+        rollouts, None, WINDOW, HandoverGroups(0, 1, None, None, None), micro_batch_size=4, pad_id=7
+    )
+    _assert_same(batches[0], old)
+
+
 def test_a_share_equals_select_of_the_whole_batch() -> None:
     rollouts, scores = _scored(True, False)
     new = build_micro_batches(rollouts, scores, WINDOW, range(2, 4), 2)
