@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "excluded."
     ]
     for group, curves in means.items():
-        ref = next((r for r in ("OPD", "both (sum)") if r in curves), next(iter(curves)))
+        ref = next((r for r in ("OPD", "policy gradient only") if r in curves), next(iter(curves)))
         rows = S.compare(curves, reference=ref)
         paper = S.PAPER_TIME_RATIO if group.startswith("toy") else None
         rel = os.path.relpath(os.path.join(args.out_dir, f"{_slug(group)}.png"), os.path.dirname(args.doc))

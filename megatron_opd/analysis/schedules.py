@@ -51,11 +51,13 @@ PAPER_TIME_RATIO: dict[str, str] = {
     "adaptive": "-",
 }
 
-# The loss-estimator ablation (same schedule, the main job's POPD): two estimators of the per-token reverse KL.
+# The loss-estimator ablation (same schedule, the main job's POPD): estimators of the per-token reverse KL.
+_NONE = ["--loss.pg_coef", "0.0", "--loss.topk_kl_coef", "0.0", "--loss.full_kl_coef", "0.0"]
 ESTIMATORS: dict[str, list[str]] = {
-    "policy gradient only": ["--loss.pg_coef", "1.0", "--loss.topk_kl_coef", "0.0", "--teacher.topk", "0"],
-    "top-K KL only": ["--loss.pg_coef", "0.0", "--loss.topk_kl_coef", "1.0"],
-    "both (sum)": ["--loss.pg_coef", "1.0", "--loss.topk_kl_coef", "1.0"],
+    "policy gradient only": [*_NONE, "--loss.pg_coef", "1.0"],
+    "top-K KL only": [*_NONE, "--loss.topk_kl_coef", "1.0"],
+    "both (sum)": [*_NONE, "--loss.pg_coef", "1.0", "--loss.topk_kl_coef", "1.0"],
+    "full-vocabulary KL": [*_NONE, "--loss.full_kl_coef", "1.0"],
 }
 
 # Toy-task variants (megatron_opd.toy.models.ToyRecipe overrides): where the student's mistakes sit.
