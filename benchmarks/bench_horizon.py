@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "--model.hf_path", toy.student, "--teacher.hf_path", toy.teacher, "--train.data_path", toy.train_data,
         "--train.train_steps", str(args.steps), "--eval.eval_interval", "0", "--eval.at_start", "false",
         "--eval.eval_teacher", "false", "--eval.at_end", "false", "--logging.log_dir", "none",
-        "--logging.progress_bar", "false",
+        "--logging.progress_bar", "false", "--checkpoint.save", "none",
     ]  # fmt: skip
     order = list(SCHEDULES) + list(reversed(SCHEDULES))
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in SCHEDULES}

@@ -47,7 +47,7 @@ def _base_args(toy: Any, seed: int, steps: int, eval_every: int, max_problems: i
         "--eval.datasets", toy.eval_spec, "--eval.max_problems", str(max_problems),
         "--train.seed", str(seed), "--train.train_steps", str(steps), "--eval.eval_interval", str(eval_every),
         "--eval.at_start", "true", "--eval.at_end", "true", "--eval.eval_teacher", "false",
-        "--logging.log_dir", "none", "--logging.progress_bar", "false",
+        "--logging.log_dir", "none", "--logging.progress_bar", "false", "--checkpoint.save", "none",
     ]  # fmt: skip
 
 
