@@ -26,11 +26,11 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import logging
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,8 +46,6 @@ from megatron_opd.toy.addition import (
     response_length,
 )
 from megatron_opd.toy.tokenizer import save_char_tokenizer
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join(".cache", "toy_models")
 
@@ -173,8 +171,11 @@ def sft(
     seed: int,
     pad_id: int,
     log_every: int = 100,
+    desc: str | None = None,
 ) -> list[float]:
-    """Train ``model`` on ``make_targets(rng, batch_size) -> [(prompt_ids, response_ids)]``; return losses."""
+    """Train ``model`` on ``make_targets(rng, batch_size) -> [(prompt_ids, response_ids)]``; return losses.
+
+    With ``desc``, progress goes to stderr: a bar on a terminal, else a line every ``log_every`` steps."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
 
@@ -187,6 +188,11 @@ def sft(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses = []
+    bar = None
+    if desc is not None and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
     for step in range(steps):
         ids, mask, labels = _batch(make_targets(rng, batch_size), pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -199,8 +205,14 @@ def sft(
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            logger.info("sft step %d/%d: loss %.4f", step + 1, steps, sum(losses[-log_every:]) / log_every)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+        elif desc is not None and log_every and (step + 1) % log_every == 0:
+            mean = sum(losses[-log_every:]) / log_every
+            print(f"{desc}: step {step + 1}/{steps}, loss {mean:.4f}", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
     model.eval()
     return losses
 
@@ -234,8 +246,13 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 def _save_model(model: Any, tokenizer: Any, path: str, eos_id: int, pad_id: int) -> None:
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
 
-    model.save_pretrained(path, safe_serialization=True)
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar for a one-file, 0.4 MB model
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     # transformers 5 writes the RoPE base only inside rope_parameters; readers on transformers 4 (SGLang) look
     # for the top-level key and would silently fall back to Qwen2's 1e6.
     cfg_json = os.path.join(path, "config.json")
@@ -327,6 +344,7 @@ def _build(recipe: ToyRecipe, out: str) -> dict[str, Any]:
             model = Qwen2ForCausalLM(qwen2_config(recipe, len(tokenizer), eos_id, pad_id)).float()
             if role == "student" and recipe.student_init == "teacher":
                 model.load_state_dict(teacher.state_dict())
+            print(f"toy {role}: SFT for {steps} steps ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             losses = sft(
                 model,
@@ -337,6 +355,7 @@ def _build(recipe: ToyRecipe, out: str) -> dict[str, Any]:
                 warmup_steps=min(recipe.warmup_steps, steps // 4),
                 seed=seed,
                 pad_id=pad_id,
+                desc=f"toy {role} SFT",
             )
             sft_s = time.perf_counter() - t0
             greedy = task_accuracy(model, tokenizer, eval_problems, recipe.max_response_tokens)
@@ -352,7 +371,12 @@ def _build(recipe: ToyRecipe, out: str) -> dict[str, Any]:
                 "sampled_step_format_rate": sampled["step_format_rate"],
                 "num_parameters": sum(p.numel() for p in model.parameters()),
             }
-            logger.info("toy %s: %s", role, report[role])
+            print(
+                f"toy {role}: {sft_s:.0f} s of SFT, greedy accuracy {greedy['accuracy']:.2f}, sampled "
+                f"{sampled['accuracy']:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
             _save_model(model, tokenizer, os.path.join(out, role), eos_id, pad_id)
             teacher = model
     finally:
