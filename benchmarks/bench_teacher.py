@@ -169,6 +169,7 @@ def main() -> None:
     p.add_argument(
         "--skip-sglang", action="store_true", help="only the Megatron rows (no SGLang environment)"
     )
+    p.add_argument("--skip-megatron", action="store_true", help="only the SGLang rows")
     p.add_argument("--out", help="also write the markdown report here")
     a = p.parse_args()
     from megatron_opd.utils.spawn import run_on_ranks
@@ -178,16 +179,17 @@ def main() -> None:
         model_dir = make_tiny_hf_model(os.path.join(d, "teacher"), init_std=0.02, **SHAPE)
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             hf_cfg = json.load(f)
-        hf_cfg["max_position_embeddings"] = max(4096, PROMPT + max(a.t))  # SGLang refuses longer inputs
+        hf_cfg["max_position_embeddings"] = max(4096, PROMPT + max(a.t) + 64)  # SGLang needs input < context
         with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f)
-        print("Megatron teacher:")
-        rows.update(run_on_ranks(_megatron_worker, 1, model_dir, a.t, a.reps, timeout_s=7200)[0])
+        if not a.skip_megatron:
+            print("Megatron teacher:")
+            rows.update(run_on_ranks(_megatron_worker, 1, model_dir, a.t, a.reps, timeout_s=7200)[0])
         if not a.skip_sglang:
             print("SGLang teacher server:")
             rows.update(sglang_rows(model_dir, a.t, a.reps))
     names = [n for n in ("sglang/token", "sglang/teacher16", "sglang/student16") if not a.skip_sglang]
-    names += ["megatron/student16", "megatron/fullkl"]
+    names += [] if a.skip_megatron else ["megatron/student16", "megatron/fullkl"]
     load = os.getloadavg()[0]
     lines = [
         f"# bench_teacher.py, {datetime.date.today().isoformat()}, CPU ({os.cpu_count()} logical CPUs, load "
@@ -206,7 +208,7 @@ def main() -> None:
                 f"| {n} | {t:,} | {r['s']:.2f} | {ratio} | {r['requests']:.0f} | {r['bytes']:,.0f} |"
             )
     tmax = max(a.t)
-    if not a.skip_sglang:
+    if not (a.skip_sglang or a.skip_megatron):
         ratio = rows[("megatron/student16", tmax)]["s"] / rows[("sglang/token", tmax)]["s"]
         lines.append(
             f"\nteacher: Megatron student top-16 / SGLang token-only at T = {tmax:,}: {ratio:.2f}x seconds, 0 HTTP bytes "
