@@ -24,8 +24,9 @@ class ModelConfig:
     """The student's architecture (and where its weights come from)."""
 
     hf_path: str | None = None
-    """Hugging Face model directory (config.json + safetensors). When set, the architecture fields below are
-    read from its config.json and only need to be given to override it."""
+    """Hugging Face model directory (config.json + safetensors). When set, the architecture fields below
+    (architecture ... untie_embeddings_and_output_weights) are read from its config.json: leave them out; one
+    given with a value the checkpoint contradicts is an error."""
     architecture: Literal["qwen2", "llama"] = "qwen2"
     """Model family: 'qwen2' (QKV bias, untied embeddings by default) or 'llama'."""
     num_layers: int = 2
