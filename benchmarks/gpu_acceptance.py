@@ -322,7 +322,6 @@ class Student:
             self.training.scheduler,
             LossConfig(impl=impl),
             vocab_size=self.model_cfg.vocab_size,
-            impl=impl,
         )
         self.device = self.info.device
 
@@ -354,7 +353,7 @@ def check_train_step(report: Report, student: Student, sizes: Sizes, dry: bool) 
         "train-step",
         ok,
         f"{student.model_cfg.num_layers} layers x H {student.model_cfg.hidden_size}, {tokens} tokens, "
-        f"{student.model_cfg.params_dtype}, {layers}, loss impl {student.step.impl}: {t * 1e3:.0f} ms/step, "
+        f"{student.model_cfg.params_dtype}, {layers}, loss impl {student.step.loss_cfg.impl}: {t * 1e3:.0f} ms/step, "
         f"{tokens / t:,.0f} tokens/s, MFU {flops / t / PEAK_BF16:.1%} of 989 TFLOP/s "
         f"({flops / t / GEMM_RATE:.1%} of 790 measured), peak {mem:.1f} GiB, losses "
         f"{', '.join(f'{r.loss:.4f}' for r in [r0, *results])}",

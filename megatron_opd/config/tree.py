@@ -382,6 +382,13 @@ class LossConfig:
         check_range("loss.full_kl_coef", self.full_kl_coef, 0.0)
         check_range("loss.normalization_constant", self.normalization_constant, 0.0, lo_open=True)
         check_range("loss.chunk_size", self.chunk_size, 1)
+        if self.fp8_lm_head and self.impl == "reference":
+            fail(
+                "loss.fp8_lm_head",
+                True,
+                "false with loss.impl 'reference' (which computes the full logits and has no FP8 GEMM), or set "
+                "loss.impl to 'chunked', 'triton' or 'auto'",
+            )
         if self.pg_coef == 0.0 and self.topk_kl_coef == 0.0 and self.full_kl_coef == 0.0:
             fail(
                 "loss.pg_coef",

@@ -140,9 +140,6 @@ def setup_run(cfg: OPDConfig) -> Run:
         # Sampling and scoring use the tokenizer's vocabulary; embedding rows past it (Qwen pads 151,665 to
         # 151,936) are excluded from the trainer's softmax too, so all three normalise over the same tokens.
         vocab_size=vocab_size,
-        impl=cfg.loss.impl,
-        chunk_size=cfg.loss.chunk_size,
-        fp8_lm_head=cfg.loss.fp8_lm_head,
         teacher=in_step_teacher,
     )
     schedule = build_horizon_schedule(cfg.horizon, cfg.rollout.max_response_length)
