@@ -192,7 +192,7 @@ def test_wrong_model_server_is_refused_naming_both_models(tmp_path):
 
 def test_a_dead_teacher_error_says_teacher_which_server_and_what_was_tried():
     from megatron_opd.config.tree import TeacherConfig
-    from megatron_opd.rollout.engine import build_teacher_scorer
+    from megatron_opd.teacher.factory import build_teacher_scorer
     from megatron_opd.utils.spawn import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
