@@ -158,7 +158,12 @@ class ParallelConfig:
         return dp
 
 
-def _check_launch(section: str, launch: bool, backend: str, urls: list[str]) -> None:
+def _check_servers(section: str, urls: list[str], launch: bool, backend: str) -> None:
+    """``section.sglang_urls`` are http(s) URLs, and ``section.launch_server`` goes with backend 'sglang' and no
+    URLs (rollout and teacher share these rules)."""
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            fail(f"{section}.sglang_urls", url, "URLs starting with http:// or https://")
     if launch and backend != "sglang":
         fail(f"{section}.launch_server", launch, f"{section}.backend 'sglang'")
     if launch and urls:
@@ -220,10 +225,7 @@ class RolloutConfig:
         check_range("rollout.max_concurrency", self.max_concurrency, 1)
         check_range("rollout.request_timeout_s", self.request_timeout_s, 0.0, lo_open=True)
         check_range("rollout.max_retries", self.max_retries, 0)
-        for url in self.sglang_urls:
-            if not url.startswith(("http://", "https://")):
-                fail("rollout.sglang_urls", url, "URLs starting with http:// or https://")
-        _check_launch("rollout", self.launch_server, self.backend, self.sglang_urls)
+        _check_servers("rollout", self.sglang_urls, self.launch_server, self.backend)
         for addr in self.sync_address:
             if not addr or "/" in addr or addr.count(":") == 1:  # one colon: host:port (IPv6 has several)
                 fail("rollout.sync_address", addr, "bare host addresses (no scheme, no port: see sync_port)")
@@ -276,10 +278,7 @@ class TeacherConfig:
                 True,
                 "teacher.backend 'megatron' (only that teacher has weights to offload)",
             )
-        for url in self.sglang_urls:
-            if not url.startswith(("http://", "https://")):
-                fail("teacher.sglang_urls", url, "URLs starting with http:// or https://")
-        _check_launch("teacher", self.launch_server, self.backend, self.sglang_urls)
+        _check_servers("teacher", self.sglang_urls, self.launch_server, self.backend)
         if self.launch_server and self.hf_path is None:
             fail("teacher.launch_server", True, "teacher.hf_path set (the model the server serves)")
 

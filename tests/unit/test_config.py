@@ -100,6 +100,10 @@ def test_dump_yaml_round_trips(tmp_path):
         (["--sequence-parallel", "true"], "'parallel.sequence_parallel'"),
         (["--model.num_query_groups", "3"], "a divisor of num_attention_heads (4)"),
         (["--rollout.sglang_urls", "localhost:3000"], "URLs starting with http://"),
+        (
+            ["--teacher.backend", "sglang", "--teacher.sglang_urls", "localhost:3000"],
+            "'teacher.sglang_urls': got 'localhost:3000'; allowed: URLs starting with http://",
+        ),
         (["--loss.topk_kl_coef", "0.5", "--teacher.topk", "0"], "'teacher.topk'"),
         (
             ["--rollout.launch_server", "true"],
