@@ -1,15 +1,17 @@
 """Peak memory and time of the OPD loss through the LM head: naive torch vs chunked torch vs Triton (vs FP8).
 
 Why it exists: the issue's claim is that the fused loss costs about what the LM-head GEMMs cost and almost no
-memory. One run prints every implementation side by side at the same shape, with ratios to naive.
+memory. One run prints every implementation side by side at the same shape, with ratios to naive. Every case is
+the path the train step runs (``adapter.opd_token_terms``, then ``reference.opd_loss`` on its terms, then
+backward), with the ``loss.impl`` named in the case.
 
 Cases (all compute the same loss, ``reference.opd_loss`` with the top-K reverse KL on K = 16 teacher ids, and
 its gradients on hidden and weight):
 - naive:         logits = hidden @ W^T in fp32 (all N x V of them), then ``reference.py`` (impl='reference').
-- chunked/terms: ``adapter.opd_token_terms(impl='chunked')`` + ``reference.opd_loss`` (recompute in backward).
-- chunked/loss:  ``adapter.opd_loss_fused(impl='chunked')`` (gradient computed in forward).
-- triton/...:    the same two with the Triton kernels (CUDA only); triton/loss+fp8 runs the two gradient GEMMs
-                 in FP8, triton/loss+fp8all also the logits GEMM.
+- chunked/terms: ``adapter.opd_token_terms(impl='chunked')`` + ``reference.opd_loss`` (logits recomputed in
+                 backward: 4 LM-head GEMMs, 8 N H V FLOPs), at each ``--chunk-sizes``.
+- triton/terms:  the same with the Triton kernels (CUDA only); triton/terms+fp8 runs the two gradient GEMMs
+                 in FP8 (``loss.fp8_lm_head``), triton/terms+fp8all also the logits GEMM.
 - 2model/naive, 2model/tiled: the teacher inside the trainer (``loss/two_model.py``): student AND teacher hidden
                  states and LM heads (teacher of the same width), the student's own top-16 ids, the top-K KL and
                  the exact full-vocabulary reverse KL (coefficient 0.5 each) and the policy-gradient term.
@@ -89,19 +91,13 @@ def _step(case: str, chunk: int, hidden, weight, targets, ids, teacher, adv, mas
     h = hidden.detach().requires_grad_(True)
     w = weight.detach().requires_grad_(True)
     loss_kw = dict(topk_kl_coef=0.5, normalization="token_mean")
-    if variant.startswith("loss"):
-        loss, lp = adapter.opd_loss_fused(
-            h, w, targets, adv, mask, topk_ids=ids, teacher_topk_logprobs=teacher, impl=impl, chunk_size=chunk,
-            fp8="fp8" in variant, fp8_forward=variant.endswith("fp8all"), **loss_kw,
-        )  # fmt: skip
-    else:
-        lp, kl = adapter.opd_token_terms(
-            h, w, targets, topk_ids=ids, teacher_topk_logprobs=teacher, impl=impl, chunk_size=chunk
-        )
-        loss = opd_loss(lp.view(1, -1), adv, mask, topk_kl=kl.view(1, -1), **loss_kw)
-        lp = lp.detach()
+    lp, kl = adapter.opd_token_terms(
+        h, w, targets, topk_ids=ids, teacher_topk_logprobs=teacher, impl=impl, chunk_size=chunk,
+        fp8="fp8" in variant, fp8_forward=variant.endswith("fp8all"),
+    )  # fmt: skip
+    loss = opd_loss(lp.view(1, -1), adv, mask, topk_kl=kl.view(1, -1), **loss_kw)
     loss.backward()
-    return lp.reshape(-1)
+    return lp.detach()
 
 
 def _maxrss_bytes() -> int:
@@ -219,10 +215,9 @@ def main() -> None:
     impls = ["chunked", "triton"] if gpu else ["chunked"]
     cases = [("naive", a.chunk_sizes[0])]
     for impl in impls:
-        cases.append((f"{impl}/terms", a.chunk_sizes[0]))
-        cases += [(f"{impl}/loss", c) for c in a.chunk_sizes]
+        cases += [(f"{impl}/terms", c) for c in a.chunk_sizes]
     if gpu:
-        cases += [("triton/loss+fp8", a.chunk_sizes[0]), ("triton/loss+fp8all", a.chunk_sizes[0])]
+        cases += [("triton/terms+fp8", a.chunk_sizes[0]), ("triton/terms+fp8all", a.chunk_sizes[0])]
     cases += [("2model/naive", a.chunk_sizes[0]), ("2model/tiled", a.chunk_sizes[0])]
 
     if gpu:

@@ -6,11 +6,13 @@ check, ``CHECK <name>: PASS|FAIL -- <numbers>``:
 
 - ``loss-numerics``: the CUDA numerics tests of the fused loss (``tests/gpu/test_loss_gpu.py``).
 - ``loss-memory-N<n>`` / ``loss-time-N<n>`` / ``loss-fused-vs-chunked-N<n>`` / ``loss-fp8-N<n>``: the loss
-  benchmark (``bench_loss.py``'s cases) at N = 4,096 and 16,384, V = 151,936, H = 1,536 against our goals:
-  peak memory of the fused loss (triton/loss) <= 1/10 of naive (full fp32 logits); its time <= 1.3 x the ideal
-  6NHV GEMM time at 790 TFLOP/s (the H200's measured bf16 rate); >= 2x faster than the chunked torch path
-  (chunked/terms: torch softmax, logits recomputed in backward); FP8 gradient GEMMs (``loss.fp8_lm_head``)
-  >= 1.3x faster than bf16 with max |d log p| <= 0.05 against the fp32 reference.
+  benchmark (``bench_loss.py``'s cases: the train step's path, token terms + ``reference.opd_loss`` + backward)
+  at N = 4,096 and 16,384, V = 151,936, H = 1,536 against our goals: peak memory of the fused loss
+  (triton/terms, what ``loss.impl`` 'auto' runs on CUDA) <= 1/10 of naive (full fp32 logits); its time <= 1.3 x
+  the ideal time of its 4 LM-head GEMMs (8NHV: logits, their recompute in backward, d hidden, d weight) at
+  790 TFLOP/s (the H200's measured bf16 rate; the 6NHV floor of any path is printed too); >= 2x faster than
+  the chunked torch path (chunked/terms: the same GEMMs, torch softmax passes); FP8 gradient GEMMs
+  (``loss.fp8_lm_head``) >= 1.3x faster than bf16 with max |d log p| <= 0.05 against the fp32 reference.
 - ``train-step``: a real Megatron student step at Qwen2-1.5B width (4 layers, 2 x 4,096 tokens, bf16, fused loss)
   through ``TrainStep``, with its MFU (model FLOPs / time / 989 TFLOP/s dense bf16 peak; also vs 790 measured).
 - ``checkpoint``: ``save_checkpoint`` + ``load_checkpoint`` of that student and its Adam state under the run's
@@ -223,8 +225,8 @@ def _dlogp(n: int, h: int, v: int, chunk: int, device: str, fp8_forward: bool, i
 def check_loss_bench(report: Report, sizes: Sizes, dry: bool) -> None:
     device = "cuda" if torch.cuda.is_available() and not dry else "cpu"
     h, v, chunk = sizes.loss_h, sizes.loss_v, sizes.loss_chunk
-    fused = "triton/loss"
-    cases = ["naive", "chunked/terms", fused, "triton/loss+fp8", "triton/loss+fp8all"]
+    fused = "triton/terms"
+    cases = ["naive", "chunked/terms", fused, "triton/terms+fp8", "triton/terms+fp8all"]
     for n in sizes.loss_ns:
         rows = {}
         for case in cases:
@@ -232,12 +234,13 @@ def check_loss_bench(report: Report, sizes: Sizes, dry: bool) -> None:
             if device == "cuda":
                 torch.cuda.empty_cache()
         report.note(bench_loss._table(list(rows.values()), n, h, v, gpu=True))
-        ideal = 6 * n * h * v / GEMM_RATE
+        ideal = 8 * n * h * v / GEMM_RATE  # the 4 LM-head GEMMs the terms path runs
         mem = rows[fused]["peak_bytes"] / max(rows["naive"]["peak_bytes"], 1)
         t_ideal = rows[fused]["time_s"] / ideal
+        t_floor = rows[fused]["time_s"] / (6 * n * h * v / GEMM_RATE)
         vs_chunked = rows["chunked/terms"]["time_s"] / rows[fused]["time_s"]
-        fp8_speed = rows[fused]["time_s"] / rows["triton/loss+fp8"]["time_s"]
-        fp8all_speed = rows[fused]["time_s"] / rows["triton/loss+fp8all"]["time_s"]
+        fp8_speed = rows[fused]["time_s"] / rows["triton/terms+fp8"]["time_s"]
+        fp8all_speed = rows[fused]["time_s"] / rows["triton/terms+fp8all"]["time_s"]
         d_grads = _dlogp(n, h, v, chunk, device, False, "triton")
         d_all = _dlogp(n, h, v, chunk, device, True, "triton")
         finite = all(math.isfinite(x) for x in (mem, t_ideal, vs_chunked, fp8_speed, d_grads, d_all))
@@ -245,19 +248,19 @@ def check_loss_bench(report: Report, sizes: Sizes, dry: bool) -> None:
         report.check(
             f"loss-memory-N{n}",
             finite and _judge(dry, mem <= GOALS["memory"]),
-            f"fused peak / naive peak = {mem:.3f} (goal <= {GOALS['memory']}){note}",
+            f"{fused} peak / naive peak = {mem:.3f} (goal <= {GOALS['memory']}){note}",
         )
         report.check(
             f"loss-time-N{n}",
             finite and _judge(dry, t_ideal <= GOALS["time_vs_ideal"]),
-            f"fused {rows[fused]['time_s'] * 1e3:.2f} ms = {t_ideal:.2f} x ideal 6NHV at 790 "
-            f"TFLOP/s ({ideal * 1e3:.2f} ms; goal <= {GOALS['time_vs_ideal']}){note}",
+            f"{fused} {rows[fused]['time_s'] * 1e3:.2f} ms = {t_ideal:.2f} x ideal 8NHV at 790 "
+            f"TFLOP/s ({ideal * 1e3:.2f} ms; goal <= {GOALS['time_vs_ideal']}); {t_floor:.2f} x the 6NHV "
+            f"floor{note}",
         )
         report.check(
             f"loss-fused-vs-chunked-N{n}",
             finite and _judge(dry, vs_chunked >= GOALS["fused_vs_chunked"]),
-            f"chunked/terms / triton/loss time = {vs_chunked:.2f}x (goal >= "
-            f"{GOALS['fused_vs_chunked']}){note}",
+            f"chunked/terms / {fused} time = {vs_chunked:.2f}x (goal >= {GOALS['fused_vs_chunked']}){note}",
         )
         fp8_ok = fp8_speed >= GOALS["fp8_speedup"] and d_grads <= GOALS["fp8_dlogp"]
         report.check(
@@ -322,7 +325,6 @@ class Student:
             self.training.scheduler,
             LossConfig(impl=impl),
             vocab_size=self.model_cfg.vocab_size,
-            impl=impl,
         )
         self.device = self.info.device
 
@@ -354,7 +356,7 @@ def check_train_step(report: Report, student: Student, sizes: Sizes, dry: bool) 
         "train-step",
         ok,
         f"{student.model_cfg.num_layers} layers x H {student.model_cfg.hidden_size}, {tokens} tokens, "
-        f"{student.model_cfg.params_dtype}, {layers}, loss impl {student.step.impl}: {t * 1e3:.0f} ms/step, "
+        f"{student.model_cfg.params_dtype}, {layers}, loss impl {student.step.loss_cfg.impl}: {t * 1e3:.0f} ms/step, "
         f"{tokens / t:,.0f} tokens/s, MFU {flops / t / PEAK_BF16:.1%} of 989 TFLOP/s "
         f"({flops / t / GEMM_RATE:.1%} of 790 measured), peak {mem:.1f} GiB, losses "
         f"{', '.join(f'{r.loss:.4f}' for r in [r0, *results])}",

@@ -1,4 +1,4 @@
-"""The functional entry the student step calls: LM-head hidden states + weight shard -> OPD token terms or loss.
+"""The functional entry the student step calls: LM-head hidden states + weight shard -> OPD token terms.
 
 Why it exists: one stable signature in front of the four implementations, chosen by ``loss.impl``:
 
@@ -12,9 +12,7 @@ Why it exists: one stable signature in front of the four implementations, chosen
 
 Contract of ``opd_token_terms`` (kept stable for ``training/``): it returns per-token (log p(y), top-K KL) with
 gradients flowing to ``hidden`` and ``weight`` from any upstream gradient on either output, so the caller
-builds the objective with ``reference.opd_loss``. ``opd_loss_fused`` instead takes the advantages and mask and
-returns the loss itself, computing the gradient during forward (3 instead of 4 LM-head GEMMs; see
-``fused.py``); it gives the same loss and gradients as ``reference.opd_loss`` on ``opd_token_terms``.
+builds the objective with ``reference.opd_loss``.
 
 Tensor parallelism: ``weight`` is this rank's vocabulary shard, rows [vocab_start, vocab_start + V/tp); ids
 are global. Reductions go over the explicit ``tp_group``. ``hidden``'s gradient is this rank's partial sum,
@@ -30,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.loss.fp8 import Fp8Mode
-from megatron_opd.loss.fused import LinearOPDLoss, LinearOPDTerms
-from megatron_opd.loss.reference import Normalization, opd_loss, opd_token_terms_from_logits
+from megatron_opd.loss.fused import LinearOPDTerms
+from megatron_opd.loss.reference import opd_token_terms_from_logits
 
 Impl = Literal["auto", "reference", "chunked", "triton"]
 
@@ -146,62 +144,3 @@ def opd_token_terms(
     )  # fmt: skip
     has_kl = teacher_topk_logprobs is not None and (topk_ids is not None or topk > 0)
     return logp, (kl if has_kl else None)
-
-
-def opd_loss_fused(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    topk_ids: torch.Tensor | None = None,
-    teacher_topk_logprobs: torch.Tensor | None = None,
-    topk: int = 0,
-    renormalize: bool = True,
-    pg_coef: float = 1.0,
-    topk_kl_coef: float = 0.0,
-    normalization: Normalization = "token_mean",
-    constant: float = 1.0,
-    num_tokens: float | torch.Tensor | None = None,
-    num_sequences: float | torch.Tensor | None = None,
-    vocab_start: int = 0,
-    tp_group: dist.ProcessGroup | None = None,
-    impl: Impl = "auto",
-    chunk_size: int = 1024,
-    fp8: bool = False,
-    fp8_forward: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The OPD loss (``reference.opd_loss``) straight from the LM head, gradient computed during forward.
-
-    Args:
-        hidden: [B*T, H]; weight: [V/tp, H]; targets: [B*T].
-        advantages, mask: [B, T] (constants); topk_ids / teacher_topk_logprobs: [B*T, K] as in
-            ``opd_token_terms``. The remaining keywords are ``reference.opd_loss``'s.
-    Returns:
-        (scalar loss with gradient to hidden and weight, student logprobs [B, T] fp32 without gradient).
-    With impl='reference' this is ``reference.opd_loss`` on ``opd_token_terms(impl='reference')``.
-    """
-    impl_r = resolve_impl(impl, hidden.device)
-    _check(hidden, weight, targets, fp8, impl_r)
-    fp8_mode = _fp8_mode(fp8, fp8_forward)
-    if advantages.shape != mask.shape or advantages.numel() != hidden.shape[0]:
-        raise ValueError(f"advantages and mask [B, T] with B*T = N expected, got {tuple(advantages.shape)}")
-    kw = dict(
-        pg_coef=pg_coef, topk_kl_coef=topk_kl_coef, normalization=normalization, constant=constant,
-        num_tokens=num_tokens, num_sequences=num_sequences,
-    )  # fmt: skip
-    if impl_r == "reference":
-        logp, kl = opd_token_terms(
-            hidden, weight, targets, topk_ids=topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, topk=topk,
-            renormalize=renormalize, vocab_start=vocab_start, tp_group=tp_group, impl="reference",
-        )  # fmt: skip
-        logp, kl = logp.reshape(advantages.shape), None if kl is None else kl.reshape(advantages.shape)
-        return opd_loss(logp, advantages, mask, topk_kl=kl, **kw), logp.detach()
-    backend = "torch" if impl_r == "chunked" else "triton"
-    teacher = teacher_topk_logprobs if topk_kl_coef > 0 else None
-    loss, logp, _ = LinearOPDLoss.apply(
-        hidden, weight, targets, advantages, mask, topk_ids, teacher, topk, renormalize, vocab_start, tp_group,
-        chunk_size, backend, fp8_mode, kw,
-    )  # fmt: skip
-    return loss, logp

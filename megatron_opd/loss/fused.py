@@ -1,16 +1,12 @@
-"""Autograd functions for the LM-head + OPD loss that never hold the [N, V] logits.
+"""The autograd function for the LM-head + OPD per-token terms that never holds the [N, V] logits.
 
-Why it exists: two ways to turn ``chunked.py``'s per-chunk math into gradients for the hidden states and the
-LM-head weight, with different trade-offs.
-
-- ``LinearOPDTerms`` returns per-token (log p(y), top-K KL) and accepts ANY upstream gradient on them, so the
-  caller combines them freely (advantages, masks, ``reference.opd_loss``). Forward keeps only lse [N] and the
-  top-K student logprobs [N, K]; backward RECOMPUTES each chunk's logits. Cost: 4 LM-head GEMMs
-  (8 N H V/tp FLOPs): logits in forward, logits again + d hidden + d weight in backward.
-- ``LinearOPDLoss`` returns the scalar OPD loss itself. Because ``reference.opd_loss`` is linear in the
-  per-token terms, their gradient coefficients are known before the logits are (they depend only on the
-  advantages, mask and normalisation), so the gradient is computed IN FORWARD chunk by chunk, as Liger-Kernel
-  does for cross-entropy, and backward only scales it. Cost: 3 GEMMs (6 N H V/tp FLOPs), the ideal.
+Why it exists: it turns ``chunked.py``'s per-chunk math into gradients for the hidden states and the LM-head
+weight. ``LinearOPDTerms`` returns per-token (log p(y), top-K KL) and accepts ANY upstream gradient on them, so
+the caller combines them freely (advantages, masks, ``reference.opd_loss``: what the train step does). Forward
+keeps only lse [N] and the top-K student logprobs [N, K]; backward RECOMPUTES each chunk's logits. Cost: 4
+LM-head GEMMs (8 N H V/tp FLOPs): logits in forward, logits again + d hidden + d weight in backward.
+(Computing the gradient in forward from the loss's known coefficients, as Liger does for cross-entropy, would
+save one GEMM; such a loss-returning path was removed because no training path used it.)
 
 FP8 (``fp8.Fp8Mode``): 'grads' runs d hidden and d weight in FP8, 'all' also the logits GEMM (forward and its
 recompute, so backward sees the same probabilities as forward). The weight is quantised once per pass over the
@@ -32,7 +28,6 @@ import torch.distributed as dist
 from megatron_opd.loss import chunked
 from megatron_opd.loss.chunked import Backend
 from megatron_opd.loss.fp8 import Fp8Mode
-from megatron_opd.loss.reference import opd_loss
 
 
 def _dz_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -72,12 +67,8 @@ def _forward_chunks(
     backend: Backend,
     fp8: Fp8Mode,
     weight_fp8: chunked.Fp8Weight | None = None,
-    on_chunk=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Run the chunk loop; returns (logp [N], kl [N] | None, ids [N, K] | None, s [N, K] | None, lse [N]).
-
-    ``on_chunk(sl, z, terms)`` (optional) is called with each chunk's logits while they are alive.
-    """
+    """Run the chunk loop; returns (logp [N], kl [N] | None, ids [N, K] | None, s [N, K] | None, lse [N])."""
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
@@ -101,8 +92,6 @@ def _forward_chunks(
         if terms.kl is not None:
             kl_parts.append(terms.kl)
             s_parts.append(terms.s)
-        if on_chunk is not None:
-            on_chunk(sl, z, terms)
         del z
     cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
     return logp, cat(kl_parts), cat(ids_parts), cat(s_parts), lse
@@ -172,88 +161,3 @@ class LinearOPDTerms(torch.autograd.Function):
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         return (grad_h, grad_w) + (None,) * 10
-
-
-class LinearOPDLoss(torch.autograd.Function):
-    """(hidden [B*T, H], weight [V/tp, H]) -> (scalar loss, logp [B, T] detached, kl [B, T] detached or [0]).
-
-    The loss is ``reference.opd_loss`` of the per-token terms; gradients are computed in forward (module doc).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-        ids: torch.Tensor | None,
-        teacher: torch.Tensor | None,
-        topk: int,
-        renormalize: bool,
-        vocab_start: int,
-        tp_group: dist.ProcessGroup | None,
-        chunk_size: int,
-        backend: Backend,
-        fp8: Fp8Mode,
-        loss_kwargs: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        shape = advantages.shape
-        has_kl = teacher is not None and (ids is not None or topk > 0)
-        # d loss / d (per-token terms): opd_loss is linear in them, so evaluate its gradient at zeros.
-        with torch.enable_grad():
-            lp0 = torch.zeros(shape, device=hidden.device, requires_grad=True)
-            kl0 = torch.zeros(shape, device=hidden.device, requires_grad=True) if has_kl else None
-            loss0 = opd_loss(lp0, advantages, mask, topk_kl=kl0, **loss_kwargs)
-            leaves = [lp0] + ([kl0] if has_kl else [])
-            coefs = torch.autograd.grad(loss0, leaves, allow_unused=True)
-        g_logp = coefs[0].reshape(-1)
-        g_kl = coefs[1].reshape(-1) if has_kl and coefs[1] is not None else None
-
-        h, w = _operand(hidden), _operand(weight)
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        w_fp8 = _quantize_weight(w, fp8, grad_hidden=True)  # gradients are computed in this forward
-
-        def grad_in_forward(sl: slice, z: torch.Tensor, terms: chunked.ChunkTerms) -> None:
-            g_s = (
-                None
-                if (g_kl is None or terms.s is None)
-                else chunked.kl_grad(terms.s, teacher[sl], renormalize, g_kl[sl])
-            )
-            dz = chunked.logits_grad_(
-                z,
-                terms.lse,
-                targets[sl],
-                g_logp[sl],
-                terms.ids,
-                g_s,
-                vocab_start=vocab_start,
-                backend=backend,
-                out_dtype=_dz_dtype(w),
-            )
-            chunked.accumulate_grads(dz, h[sl], w, grad_h[sl], grad_w, fp8 != "off", w_fp8)
-
-        logp, kl, _, _, _ = _forward_chunks(
-            h, w, targets, ids, teacher, topk=topk, renormalize=renormalize, vocab_start=vocab_start,
-            tp_group=tp_group, chunk_size=chunk_size, backend=backend, fp8=fp8, weight_fp8=w_fp8,
-            on_chunk=grad_in_forward,
-        )  # fmt: skip
-        logp = logp.reshape(shape)
-        kl = kl.reshape(shape) if kl is not None else None
-        loss = opd_loss(logp, advantages, mask, topk_kl=kl, **loss_kwargs)
-        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
-        kl_out = kl if kl is not None else torch.empty(0, device=hidden.device)
-        ctx.mark_non_differentiable(logp, kl_out)
-        return loss, logp, kl_out
-
-    @staticmethod
-    def backward(ctx: Any, g_loss: torch.Tensor, _g_logp: Any, _g_kl: Any):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        # In place (as Liger does): a second [V/tp, H] buffer would be the largest allocation of this path.
-        # The stored gradient is used once; backward through this graph twice is not supported.
-        if not bool(g_loss == 1):
-            grad_h.mul_(g_loss.to(grad_h.dtype))
-            grad_w.mul_(g_loss.to(grad_w.dtype))
-        return (grad_h, grad_w) + (None,) * 13

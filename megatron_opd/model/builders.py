@@ -18,6 +18,7 @@ trainer masks the padding ids out of the softmax so logprobs match the unpadded 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -33,6 +34,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_opd.config.base import ConfigError
 from megatron_opd.config.tree import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -291,10 +293,12 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 def model_config_from_hf(path_or_config: str | os.PathLike | dict[str, Any], **overrides: Any) -> ModelConfig:
     """Read a Hugging Face ``config.json`` (a model directory, the file, or its dict) into a ``ModelConfig``.
 
-    Supports ``Qwen2ForCausalLM`` and ``LlamaForCausalLM`` (and their ``model_type``). ``overrides`` replace
+    The architecture is detected and checked by the conversion registry (``hf_conversion.architecture``): the
+    trainer, the teacher and the conversion driver all read a checkpoint through here. ``overrides`` replace
     fields afterwards (e.g. ``params_dtype='bfloat16'``). A model it cannot build raises ``ConversionError``.
     """
-    from megatron_opd.model.hf_conversion.architecture import ConversionError  # not at the top: a cycle
+    # Not at the top: an import cycle.
+    from megatron_opd.model.hf_conversion.architecture import ConversionError, architecture_for_hf_config
 
     if isinstance(path_or_config, dict):
         hf, hf_path = path_or_config, None
@@ -304,28 +308,18 @@ def model_config_from_hf(path_or_config: str | os.PathLike | dict[str, Any], **o
         cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         with open(cfg_file, encoding="utf-8") as f:
             hf = json.load(f)
-    model_type = hf.get("model_type", "")
-    archs = hf.get("architectures") or []
-    if model_type == "qwen2" or "Qwen2ForCausalLM" in archs:
-        arch, qkv_bias = "qwen2", True
-    elif model_type == "llama" or "LlamaForCausalLM" in archs:
-        arch, qkv_bias = "llama", bool(hf.get("attention_bias", False))
-    else:
-        raise ConversionError(
-            f"unsupported architecture {archs or model_type!r}: megatron_opd builds qwen2 and llama"
-        )
+    arch = architecture_for_hf_config(hf)
+    arch.check_config(hf)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * heads != hf["hidden_size"]:
         raise ConversionError(
             f"head_dim {head_dim} x heads {heads} != hidden_size {hf['hidden_size']}: not supported"
         )
-    if hf.get("mlp_bias"):
-        raise ConversionError("MLP biases (mlp_bias=true) are not supported")
     dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     fields: dict[str, Any] = dict(
         hf_path=hf_path,
-        architecture=arch,
+        architecture=arch.name,
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         ffn_hidden_size=hf["intermediate_size"],
@@ -335,9 +329,58 @@ def model_config_from_hf(path_or_config: str | os.PathLike | dict[str, Any], **o
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         rotary_base=_rope_theta(hf),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        add_qkv_bias=qkv_bias,
+        add_qkv_bias=arch.add_qkv_bias,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         params_dtype=dtype if dtype in _DTYPES else "float32",
     )
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+# What a run's model section may only repeat when it reads the student from model.hf_path; the rest of the
+# section (dtype, FP8, layer spec, recomputation, vocabulary padding) says how the checkpoint is run.
+ARCHITECTURE_FIELDS = (
+    "architecture",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "vocab_size",
+    "max_position_embeddings",
+    "rotary_base",
+    "norm_epsilon",
+    "add_qkv_bias",
+    "untie_embeddings_and_output_weights",
+)
+
+
+def student_model_config(model: ModelConfig) -> ModelConfig:
+    """The student's ``ModelConfig`` for a run: the architecture from ``model.hf_path``'s config.json, the runtime
+    fields from ``model``.
+
+    An architecture field of ``model`` that was given (differs from its dataclass default) and disagrees with
+    the checkpoint raises ``ConfigError`` naming the key and both values: the weights fix the architecture, and
+    a value that is silently ignored would lie. (A field given with exactly its default value cannot be told
+    from one left out; it is then read from the checkpoint like any other.)
+    """
+    if model.hf_path is None:
+        raise ConfigError(
+            "config key 'model.hf_path': a run needs the student's HF directory (weights + tokenizer)"
+        )
+    runtime = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in ARCHITECTURE_FIELDS and f.name != "hf_path"
+    }
+    from_ckpt = model_config_from_hf(model.hf_path, **runtime)
+    defaults = ModelConfig()
+    for key in ARCHITECTURE_FIELDS:
+        given, stored = getattr(model, key), getattr(from_ckpt, key)
+        if given != getattr(defaults, key) and given != stored:
+            raise ConfigError(
+                f"config key 'model.{key}': got {given!r}, but the checkpoint model.hf_path ({model.hf_path}) has "
+                f"{stored!r} in its config.json; the architecture comes from the checkpoint: remove the key or "
+                f"set it to {stored!r}"
+            )
+    return from_ckpt

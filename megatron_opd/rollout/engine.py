@@ -121,7 +121,6 @@ def build_rollout_engine(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     weight_sync_dir: str | None = None,
-    master_port: int | None = None,
     master_address: str = "127.0.0.1",
 ) -> RolloutEngine:
     """The student engine of ``cfg.backend`` on the model at ``hf_path`` (embedded: on ``device`` in ``dtype``).
@@ -129,7 +128,7 @@ def build_rollout_engine(
     sglang: servers at ``cfg.sglang_urls`` must already serve ``hf_path`` (health is checked now); weight sync per
     ``cfg.weight_sync``: 'distributed' forms a group with this process as its sending rank 0, listening on
     ``cfg.sync_address[0]`` if set, else ``master_address`` (an address of this host the servers can reach:
-    loopback only when they run on this node), port ``master_port`` or ``cfg.sync_port`` (0: a free one), backend
+    loopback only when they run on this node), port ``cfg.sync_port`` (0: a free one), backend
     ``cfg.sync_backend``; each server's TP size is read from it. 'disk' needs ``weight_sync_dir`` (checked here
     rather than at the first sync). The distributed group is formed lazily at the first sync (the trainer may not
     be ready before).
@@ -172,7 +171,7 @@ def build_rollout_engine(
         sync = DistributedWeightSync(
             sync_client,
             master_address=cfg.sync_address[0] if cfg.sync_address else master_address,
-            master_port=master_port or cfg.sync_port,
+            master_port=cfg.sync_port,
             backend=resolve_sync_backend(cfg.sync_backend),
             bucket_bytes=cfg.sync_bucket_mb << 20,
             timeout_s=cfg.request_timeout_s,

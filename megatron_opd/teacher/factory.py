@@ -20,7 +20,6 @@ __all__ = ["build_teacher_scorer"]
 def build_teacher_scorer(
     cfg: TeacherConfig,
     *,
-    hf_path: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     max_concurrency: int = 64,
@@ -41,16 +40,15 @@ def build_teacher_scorer(
     if cfg.backend == "embedded":
         from megatron_opd.teacher.embedded import EmbeddedScorer
 
-        path = hf_path or cfg.hf_path
-        if path is None:
+        if cfg.hf_path is None:
             raise ValueError("teacher.backend='embedded' needs teacher.hf_path")
-        return EmbeddedScorer.from_hf_dir(path, dtype=dtype, device=device)
+        return EmbeddedScorer.from_hf_dir(cfg.hf_path, dtype=dtype, device=device)
     from megatron_opd.teacher.sglang_scorer import SGLangScorer
 
     scorer = SGLangScorer(
         sglang_client(cfg.sglang_urls, max_concurrency, request_timeout_s, max_retries, "teacher")
     )
-    if hf_path or cfg.hf_path:
-        check_served_model(scorer.client, hf_path or cfg.hf_path, "teacher")
+    if cfg.hf_path:
+        check_served_model(scorer.client, cfg.hf_path, "teacher")
     scorer.probe(cfg.topk, cfg.topk_strategy)
     return scorer

@@ -14,7 +14,7 @@ import tempfile
 
 from megatron_opd.config.base import ConfigError
 from megatron_opd.config.tree import ModelConfig, OPDConfig, ParallelConfig
-from megatron_opd.model.builders import model_config_from_hf
+from megatron_opd.model.builders import student_model_config
 
 
 def check_run_inputs(cfg: OPDConfig) -> None:
@@ -23,7 +23,9 @@ def check_run_inputs(cfg: OPDConfig) -> None:
     check_hf_dir("model.hf_path", cfg.model.hf_path)
     if cfg.teacher.hf_path is not None:
         check_hf_dir("teacher.hf_path", cfg.teacher.hf_path)
-    check_layout(model_config_from_hf(cfg.model.hf_path), cfg.parallel)
+    check_layout(
+        student_model_config(cfg.model), cfg.parallel
+    )  # also rejects contradicting architecture keys
     for key, path in (("checkpoint.save", cfg.checkpoint.save), ("logging.log_dir", cfg.logging.log_dir)):
         if path:
             check_writable_dir(key, path)

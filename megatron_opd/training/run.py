@@ -31,12 +31,11 @@ from megatron_opd.algorithms.horizon import (
     schedule_summary,
 )
 from megatron_opd.config import ModelConfig, OPDConfig, dump_yaml
-from megatron_opd.config.base import ConfigError
 from megatron_opd.data.prompts import PromptDataset, load_train_dataset
 from megatron_opd.data.sampler import PromptBatch, PromptSampler
 from megatron_opd.data.tokenizer import load_tokenizer
 from megatron_opd.loss.metrics import position_bucket_scalars
-from megatron_opd.model.builders import build_model_chunks, model_config_from_hf
+from megatron_opd.model.builders import build_model_chunks, student_model_config
 from megatron_opd.model.hf_conversion.live import load_hf_weights
 from megatron_opd.parallel.state import ParallelInfo, initialize_parallel
 from megatron_opd.rollout.engine import RolloutEngine, build_rollout_engine
@@ -99,21 +98,9 @@ def setup_run(cfg: OPDConfig) -> Run:
     then resume from ``checkpoint.load`` if it holds a checkpoint."""
     info = initialize_parallel(cfg.parallel, cfg.train.seed)
     cfg.check_world_size(info.world_size)
-    if cfg.model.hf_path is None:
-        raise ConfigError(
-            "config key 'model.hf_path': a run needs the student's HF directory (weights + tokenizer)"
-        )
     check_run_inputs(cfg)  # model directories, TP/PP against config.json, output folders: before any step
     # The architecture comes from the checkpoint's config.json; how it is run comes from the model section.
-    model_cfg = model_config_from_hf(
-        cfg.model.hf_path,
-        params_dtype=cfg.model.params_dtype,
-        fp8=cfg.model.fp8,
-        transformer_impl=cfg.model.transformer_impl,
-        local_attention=cfg.model.local_attention,
-        recompute_activations=cfg.model.recompute_activations,
-        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-    )
+    model_cfg = student_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model.hf_path)
     if cfg.teacher.hf_path is not None:
         check_teacher_student_vocab(
@@ -153,9 +140,6 @@ def setup_run(cfg: OPDConfig) -> Run:
         # Sampling and scoring use the tokenizer's vocabulary; embedding rows past it (Qwen pads 151,665 to
         # 151,936) are excluded from the trainer's softmax too, so all three normalise over the same tokens.
         vocab_size=vocab_size,
-        impl=cfg.loss.impl,
-        chunk_size=cfg.loss.chunk_size,
-        fp8_lm_head=cfg.loss.fp8_lm_head,
         teacher=in_step_teacher,
     )
     schedule = build_horizon_schedule(cfg.horizon, cfg.rollout.max_response_length)

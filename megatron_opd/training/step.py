@@ -175,12 +175,10 @@ class TrainStep:
     Args:
         model: this rank's model chunks, wrapped in Megatron DDP (``optimizer.setup_training``).
         optimizer, scheduler: from ``optimizer.setup_training``.
-        loss_cfg: the objective (gamma, coefficients, normalisation).
+        loss_cfg: the objective (gamma, coefficients, normalisation) and how it is computed: ``impl``
+            'reference' (logits from Megatron's output layer, then ``loss.reference``) or a fused LM-head path
+            of ``loss.adapter`` ('chunked', 'triton', 'auto'), with its ``chunk_size`` and ``fp8_lm_head``.
         vocab_size: the model's real vocabulary (``ModelConfig.vocab_size``); ids at or above it are padding.
-        impl: 'reference' (default: logits from Megatron's output layer, then ``loss.reference``) or a fused
-            LM-head path of ``loss.adapter`` ('chunked', 'triton', 'auto'); pass ``loss_cfg.impl`` to follow the
-            config.
-        chunk_size, fp8_lm_head: for the fused paths (``loss.adapter.opd_token_terms``).
         teacher: the in-step Megatron teacher (module doc), or None when the batches carry teacher scores.
     """
 
@@ -192,9 +190,6 @@ class TrainStep:
         loss_cfg: LossConfig,
         *,
         vocab_size: int,
-        impl: str = "reference",
-        chunk_size: int = 1024,
-        fp8_lm_head: bool = False,
         teacher: MegatronTeacher | None = None,
     ) -> None:
         if mpu.get_context_parallel_world_size() > 1:
@@ -204,9 +199,6 @@ class TrainStep:
         self.scheduler = scheduler
         self.loss_cfg = loss_cfg
         self.vocab_size = vocab_size
-        self.impl = impl
-        self.chunk_size = chunk_size
-        self.fp8_lm_head = fp8_lm_head
         self.teacher = teacher
         self.config = get_model_config(model[0])
         self.device = _device()
@@ -274,9 +266,9 @@ class TrainStep:
             renormalize=self.loss_cfg.topk_renormalize,
             vocab_start=vocab_start,
             tp_group=self.tp_group,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-            fp8=self.fp8_lm_head,
+            impl=self.loss_cfg.impl,
+            chunk_size=self.loss_cfg.chunk_size,
+            fp8=self.loss_cfg.fp8_lm_head,
         )
 
     def _two_model_terms(
@@ -307,8 +299,8 @@ class TrainStep:
             full_kl=cfg.full_kl_coef > 0,
             vocab_start=vocab_start,
             tp_group=self.tp_group,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
+            impl=cfg.impl,
+            chunk_size=cfg.chunk_size,
             vocab_size=self.vocab_size,
         )
 
@@ -405,7 +397,7 @@ class TrainStep:
         mb = next(data_iterator)
         core = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
         last = core.post_process
-        if last and not forward_only and (self.impl != "reference" or mb.teacher_hidden is not None):
+        if last and not forward_only and (self.loss_cfg.impl != "reference" or mb.teacher_hidden is not None):
             with hidden_states_only(core):
                 hidden = model(mb.tokens, mb.position_ids, None)
             return hidden, partial(self._loss_from_hidden, mb, core)

@@ -1,10 +1,10 @@
-"""The fused LM-head + OPD loss at TP=2 (gloo, vocabulary split 19 + 18 rows) equals TP=1, for every impl.
+"""The fused LM-head + OPD token terms at TP=2 (gloo, vocabulary split 19 + 18 rows) equals TP=1, for every impl.
 
 Each rank holds its weight shard and the replicated hidden states (wrapped in ``copy_to_tp_region`` so the
 hidden gradient is summed over the group, as Megatron's column-parallel input does). Compared with the
 single-process reference: logprobs, top-K KL, the hidden gradient and each rank's weight-gradient shard, for
-the student and teacher top-K strategies; and the fused loss (gradient computed in forward) with its
-gradients. Tolerance: fp32 throughout, atol 2e-5 / rtol 1e-5 (summation order differs across shards and
+the student and teacher top-K strategies; and the loss the train step builds from the terms
+(``reference.opd_loss``) with its gradients. Tolerance: fp32 throughout, atol 2e-5 / rtol 1e-5 (summation order differs across shards and
 chunks; see tests/unit/test_loss_adapter.py).
 """
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron_opd.loss import adapter
+from megatron_opd.loss.reference import opd_loss
 from megatron_opd.utils.spawn import run_on_ranks
 
 pytestmark = pytest.mark.distributed
@@ -54,16 +55,18 @@ def _terms(impl, strategy, hidden, weight, vocab_start, tp_group):
 
 
 def _loss(impl, hidden, weight, vocab_start, tp_group):
+    """The train step's composition: ``reference.opd_loss`` on the fused terms, then backward."""
     _, _, y, teacher, tid, _, _, _, adv, mask = _inputs()
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss, lp = adapter.opd_loss_fused(
-        adapter.copy_to_tp_region(h, tp_group), w, y, adv, mask, topk_ids=tid,
-        teacher_topk_logprobs=torch.gather(teacher, -1, tid), topk_kl_coef=0.5, vocab_start=vocab_start,
-        tp_group=tp_group, impl=impl, chunk_size=CHUNK,
+    lp, kl = adapter.opd_token_terms(
+        adapter.copy_to_tp_region(h, tp_group), w, y, topk_ids=tid,
+        teacher_topk_logprobs=torch.gather(teacher, -1, tid), vocab_start=vocab_start, tp_group=tp_group,
+        impl=impl, chunk_size=CHUNK,
     )  # fmt: skip
+    loss = opd_loss(lp.view(1, N), adv, mask, topk_kl=kl.view(1, N), topk_kl_coef=0.5)
     loss.backward()
-    return {"loss": loss.detach(), "lp": lp, "gh": h.grad, "gw": w.grad}
+    return {"loss": loss.detach(), "lp": lp.detach(), "gh": h.grad, "gw": w.grad}
 
 
 def _worker(rank, world):
@@ -107,6 +110,6 @@ def test_terms_tp2_equals_tp1(impl, strategy, tp2):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fused_loss_tp2_equals_tp1(impl, tp2):
+def test_loss_from_terms_tp2_equals_tp1(impl, tp2):
     hidden, weight = _inputs()[:2]
     _check(_loss("reference", hidden, weight, 0, None), tp2, f"{impl}/loss")

@@ -105,7 +105,7 @@ def _setup(
     )
     objs = setup_training(chunks, opt, total_steps=total_steps)
     step = TrainStep(
-        objs.model, objs.optimizer, objs.scheduler, LossConfig(gamma=0.5), vocab_size=VOCAB, impl=impl
+        objs.model, objs.optimizer, objs.scheduler, LossConfig(gamma=0.5, impl=impl), vocab_size=VOCAB
     )
     return chunks, objs, step
 

@@ -1,4 +1,4 @@
-"""The fused LM-head + OPD loss on CUDA: compiled Triton and cuBLAS paths against the fp32 reference, and FP8.
+"""The fused LM-head + OPD token terms (and the loss built from them) on CUDA: compiled Triton and cuBLAS paths against the fp32 reference, and FP8.
 
 Skips without CUDA. Runs under pytest, or directly (``python tests/gpu/test_loss_gpu.py``) on a GPU machine
 without pytest; ``benchmarks/gpu_check.sh`` does the latter or the former, whichever is available.
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megatron_opd.loss import adapter, fp8  # noqa: E402
+from megatron_opd.loss.reference import opd_loss  # noqa: E402
 
 try:
     import pytest
@@ -76,16 +77,21 @@ def test_fused_terms_match_reference_on_cuda():
                 assert _rel(a, b) <= 1e-2, f"{impl}/{name} {what}: relative error {_rel(a, b):.2e}"
 
 
-def test_fused_loss_matches_reference_on_cuda():
+def test_loss_from_triton_terms_matches_reference_on_cuda():
+    """The train step's composition on CUDA: ``reference.opd_loss`` on ``opd_token_terms``, triton vs reference."""
     b, t, h, v, k = 3, 111, 256, 5003, 16
     hidden, weight, targets, ids, teacher = _inputs(b * t, h, v, k, seed=1)
     adv = torch.randn(b, t, device="cuda")
     mask = torch.rand(b, t, device="cuda") > 0.2
-    kw = dict(topk_ids=ids, teacher_topk_logprobs=teacher, topk_kl_coef=0.5, normalization="sequence_mean")
     results = {}
     for impl in ("reference", "triton"):
         hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        loss, _ = adapter.opd_loss_fused(hh, ww, targets, adv, mask, impl=impl, chunk_size=100, **kw)
+        lp, kl = adapter.opd_token_terms(
+            hh, ww, targets, topk_ids=ids, teacher_topk_logprobs=teacher, impl=impl, chunk_size=100
+        )
+        loss = opd_loss(
+            lp.view(b, t), adv, mask, topk_kl=kl.view(b, t), topk_kl_coef=0.5, normalization="sequence_mean"
+        )
         loss.backward()
         results[impl] = (loss.detach(), hh.grad, ww.grad)
     ref, got = results["reference"], results["triton"]

@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
+from megatron_opd.config.base import ConfigError
 from megatron_opd.config.tree import ModelConfig, ParallelConfig
-from megatron_opd.model.builders import build_model, model_config_from_hf, padded_vocab_size
+from megatron_opd.model.builders import (
+    build_model,
+    model_config_from_hf,
+    padded_vocab_size,
+    student_model_config,
+)
 from megatron_opd.parallel.state import initialize_parallel
 
 QWEN2_CONFIG = {
@@ -72,8 +78,45 @@ def test_model_config_from_hf_llama_and_rejections() -> None:
     assert cfg.rotary_base == 5e5
     with pytest.raises(ValueError, match="RoPE scaling"):
         model_config_from_hf(dict(llama, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}))
-    with pytest.raises(ValueError, match="unsupported architecture"):
+    with pytest.raises(ValueError, match="unsupported model"):
         model_config_from_hf(dict(QWEN2_CONFIG, architectures=["MistralForCausalLM"], model_type="mistral"))
+    # The conversion registry's checks apply to the trainer's reading too (one architecture check).
+    with pytest.raises(ValueError, match="attention_bias"):
+        model_config_from_hf(dict(llama, attention_bias=True))
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        model_config_from_hf(dict(QWEN2_CONFIG, use_sliding_window=True))
+    with pytest.raises(ValueError, match="mlp_bias"):
+        model_config_from_hf(dict(QWEN2_CONFIG, mlp_bias=True))
+
+
+def test_student_model_config_reads_the_checkpoint_and_forwards_runtime_fields(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_CONFIG))
+    cfg = student_model_config(
+        ModelConfig(
+            hf_path=str(tmp_path), params_dtype="float32", recompute_activations=True, local_attention="sdpa"
+        )
+    )
+    assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings) == (2, 64, 151, 512)
+    assert cfg.params_dtype == "float32" and cfg.recompute_activations and cfg.local_attention == "sdpa"
+    # A given architecture key that agrees with the checkpoint is accepted.
+    assert student_model_config(ModelConfig(hf_path=str(tmp_path), vocab_size=151)).vocab_size == 151
+
+
+@pytest.mark.parametrize(
+    "key, given, stored",
+    [
+        ("num_layers", 4, 2),
+        ("vocab_size", 152064, 151),
+        ("architecture", "llama", "qwen2"),
+        ("rotary_base", 1e4, 1e6),
+    ],
+)
+def test_student_model_config_rejects_a_contradicting_architecture_key(tmp_path, key, given, stored) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_CONFIG))
+    with pytest.raises(ConfigError) as err:
+        student_model_config(ModelConfig(hf_path=str(tmp_path), **{key: given}))
+    msg = str(err.value)
+    assert f"model.{key}" in msg and repr(given) in msg and repr(stored) in msg, msg
 
 
 def test_build_model_local_spec_keys_and_shapes() -> None:

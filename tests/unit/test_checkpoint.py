@@ -41,7 +41,7 @@ def _setup(seed: int, distopt: bool = False):
     chunks = build_model_chunks(MODEL)
     opt = OptimizerConfig(lr=1e-2, lr_warmup_steps=3, use_distributed_optimizer=distopt)
     objs = setup_training(chunks, opt, total_steps=10)
-    step = TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(), vocab_size=64)
+    step = TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(impl="reference"), vocab_size=64)
     return chunks, objs, step
 
 

@@ -49,7 +49,11 @@ def _setup():
     initialize_parallel(ParallelConfig(), seed=1)
     chunks = build_model_chunks(MODEL)
     objs = setup_training(chunks, OptimizerConfig(lr=1e-2, lr_warmup_steps=1), total_steps=8)
-    return chunks, objs, TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(), vocab_size=64)
+    return (
+        chunks,
+        objs,
+        TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(impl="reference"), vocab_size=64),
+    )
 
 
 def _params(chunks) -> dict[str, torch.Tensor]:

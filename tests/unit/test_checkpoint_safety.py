@@ -72,7 +72,9 @@ def _setup(distopt: bool):
     objs = setup_training(
         chunks, OptimizerConfig(lr=1e-2, lr_warmup_steps=1, use_distributed_optimizer=distopt), total_steps=4
     )
-    return objs, TrainStep(objs.model, objs.optimizer, objs.scheduler, LossConfig(), vocab_size=64)
+    return objs, TrainStep(
+        objs.model, objs.optimizer, objs.scheduler, LossConfig(impl="reference"), vocab_size=64
+    )
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["adam", "distopt"])

@@ -100,6 +100,10 @@ def test_dump_yaml_round_trips(tmp_path):
         (["--sequence-parallel", "true"], "'parallel.sequence_parallel'"),
         (["--model.num_query_groups", "3"], "a divisor of num_attention_heads (4)"),
         (["--rollout.sglang_urls", "localhost:3000"], "URLs starting with http://"),
+        (
+            ["--teacher.backend", "sglang", "--teacher.sglang_urls", "localhost:3000"],
+            "'teacher.sglang_urls': got 'localhost:3000'; allowed: URLs starting with http://",
+        ),
         (["--loss.topk_kl_coef", "0.5", "--teacher.topk", "0"], "'teacher.topk'"),
         (
             ["--rollout.launch_server", "true"],
@@ -121,6 +125,10 @@ def test_dump_yaml_round_trips(tmp_path):
         (["--rollout.sync_address", "http://10.0.0.1"], "bare host addresses"),
         (["--rollout.sync_port", "70000"], "'rollout.sync_port': got 70000"),
         (["--rollout.sync_backend", "mpi"], "'rollout.sync_backend'"),
+        (
+            ["--loss.fp8_lm_head", "true", "--loss.impl", "reference"],
+            "'loss.fp8_lm_head': got True; allowed: false with loss.impl 'reference'",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(argv, needle):
@@ -286,3 +294,8 @@ def test_megatron_teacher_with_full_kl_only_is_a_valid_loss():
         ]
     )
     assert cfg.teacher.backend == "megatron" and cfg.loss.full_kl_coef == 1.0
+
+
+def test_fp8_lm_head_is_accepted_with_every_fused_loss_path():
+    for impl in ("auto", "chunked", "triton"):
+        assert parse_config(["--loss.fp8_lm_head", "true", "--loss.impl", impl]).loss.fp8_lm_head

@@ -1,8 +1,8 @@
 """The adapter's fused paths (chunked torch, Triton under TRITON_INTERPRET) equal the reference path.
 
 Checked per case: the per-token logprobs, the top-K reverse KL, and the gradients on hidden AND weight from
-random upstream gradients on both outputs; and the fused loss (gradient computed in forward) against
-``reference.opd_loss`` for every normalisation. Shapes are odd and chunk sizes do not divide N.
+random upstream gradients on both outputs; and the loss the train step builds from the terms
+(``reference.opd_loss``) with its gradients, for every normalisation. Shapes are odd and chunk sizes do not divide N.
 
 Tolerances, (input dtype, what) -> (atol, rtol), and why:
 - float32 outputs and gradients: (2e-5, 1e-5). Both paths compute the same fp32 formulas; only summation
@@ -111,39 +111,25 @@ def test_triton_equals_reference(case, mode, renormalize, dtype):
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "constant"])
-def test_fused_loss_equals_reference_opd_loss(impl, normalization):
+def test_loss_from_fused_terms_equals_reference_opd_loss(impl, normalization):
+    """What the train step computes: ``reference.opd_loss`` on ``opd_token_terms``, fused path vs reference."""
     b, t, h, v, k = 3, 7, 13, 157, 4
     hidden, weight, targets, tid, tlp, _, _ = _case(b * t, h, v, k, torch.float32, seed=3)
     g = torch.Generator().manual_seed(4)
     adv = torch.randn(b, t, generator=g)
     mask = torch.rand(b, t, generator=g) > 0.3
-    kw = dict(
-        topk_ids=tid,
-        teacher_topk_logprobs=torch.gather(tlp, -1, tid),
-        pg_coef=0.9,
-        topk_kl_coef=0.4,
-        normalization=normalization,
-        constant=11.0,
-    )
+    teacher = torch.gather(tlp, -1, tid)
     grads, losses, logps = [], [], []
     for which in ("reference", impl):
         hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        if which == "reference":  # the documented composition: reference.opd_loss on the token terms
-            lp, kl = adapter.opd_token_terms(
-                hh,
-                ww,
-                targets,
-                topk_ids=tid,
-                teacher_topk_logprobs=kw["teacher_topk_logprobs"],
-                impl="reference",
-            )
-            loss = opd_loss(
-                lp.view(b, t), adv, mask, topk_kl=kl.view(b, t), pg_coef=0.9, topk_kl_coef=0.4,
-                normalization=normalization, constant=11.0,
-            )  # fmt: skip
-        else:
-            loss, lp = adapter.opd_loss_fused(hh, ww, targets, adv, mask, impl=impl, chunk_size=5, **kw)
-        (2.5 * loss).backward()  # a non-unit upstream gradient: backward must scale the stored gradient
+        lp, kl = adapter.opd_token_terms(
+            hh, ww, targets, topk_ids=tid, teacher_topk_logprobs=teacher, impl=which, chunk_size=5
+        )
+        loss = opd_loss(
+            lp.view(b, t), adv, mask, topk_kl=kl.view(b, t), pg_coef=0.9, topk_kl_coef=0.4,
+            normalization=normalization, constant=11.0,
+        )  # fmt: skip
+        (2.5 * loss).backward()  # a non-unit upstream gradient reaches the fused backward scaled
         grads.append((hh.grad, ww.grad))
         losses.append(loss.detach())
         logps.append(lp.detach().reshape(b, t))

@@ -88,9 +88,8 @@ def test_quantized_operand_gives_the_same_product():
         fp8.matmul_nt(a[:, :8], fp8.quantize_operand(b))
 
 
-@pytest.mark.parametrize("path", ["terms", "loss"])
 @pytest.mark.parametrize("fp8_forward", [False, True], ids=["grads", "all"])
-def test_lm_head_weight_quantised_once_per_pass(monkeypatch, path, fp8_forward):
+def test_lm_head_weight_quantised_once_per_pass(monkeypatch, fp8_forward):
     """The LM-head weight W [V, H] is quantised once per pass over the chunks, not once per chunk: counted
     through ``fp8.quantize`` by the operand's (padded) shape, W [208, 48] and W^T [48, 208] here (5 chunks)."""
     g = torch.Generator().manual_seed(3)
@@ -104,21 +103,13 @@ def test_lm_head_weight_quantised_once_per_pass(monkeypatch, path, fp8_forward):
         fp8, "quantize", lambda x, scaling="row": shapes.append(tuple(x.shape)) or orig(x, scaling)
     )
     kw = dict(impl="chunked", fp8=True, fp8_forward=fp8_forward, chunk_size=chunk)
-    if path == "terms":
-        lp, _ = adapter.opd_token_terms(hidden, weight, y, **kw)
-        forward_w = shapes.count((208, 48))
-        lp.sum().backward()
-    else:
-        adv, mask = torch.randn(1, n, generator=g), torch.ones(1, n)
-        loss, _ = adapter.opd_loss_fused(hidden, weight, y, adv, mask, **kw)
-        loss.backward()
+    lp, _ = adapter.opd_token_terms(hidden, weight, y, **kw)
+    forward_w = shapes.count((208, 48))
+    lp.sum().backward()
     w, wt = shapes.count((208, 48)), shapes.count((48, 208))
     # dz^T [203, 8] -> [208, 16] for d W is per chunk by nature: it shows that all 5 chunks ran in FP8.
     assert shapes.count((208, 16)) == 5
-    if path == "terms":
-        # forward: W once for the logits ('all'); backward: W again for the recomputed logits, W^T once.
-        assert forward_w == (1 if fp8_forward else 0)
-        assert (w, wt) == ((2, 1) if fp8_forward else (0, 1))
-    else:  # gradients in forward: one pass, W (for 'all') and W^T once each
-        assert (w, wt) == ((1, 1) if fp8_forward else (0, 1))
+    # forward: W once for the logits ('all'); backward: W again for the recomputed logits, W^T once.
+    assert forward_w == (1 if fp8_forward else 0)
+    assert (w, wt) == ((2, 1) if fp8_forward else (0, 1))
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()

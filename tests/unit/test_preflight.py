@@ -86,3 +86,12 @@ def test_an_unwritable_save_folder_is_refused_at_start_up(tiny, tmp_path):
     fresh = tmp_path / "a" / "b"
     check_writable_dir("checkpoint.save", str(fresh))  # created, and the probe file is gone again
     assert fresh.is_dir() and os.listdir(fresh) == []
+
+
+def test_an_architecture_key_the_checkpoint_contradicts_is_a_config_error(tiny):
+    """The weights fix the architecture: a model.* architecture key that disagrees is rejected, not ignored."""
+    with pytest.raises(
+        ConfigError, match=r"config key 'model.num_layers': got 4, .* has 2 in its config.json"
+    ):
+        check_run_inputs(config_from_dict({"model": {"hf_path": tiny, "num_layers": 4}}))
+    check_run_inputs(config_from_dict({"model": {"hf_path": tiny, "num_layers": 2}}))  # agrees: passes

@@ -230,14 +230,17 @@ class Architecture:
     """One supported HF model family: how its config.json maps to and from a ``ModelConfig``.
 
     ``hf_architectures``: the ``architectures`` entries of its config.json; ``model_type``: its ``model_type``.
+    ``add_qkv_bias``: whether its Q/K/V projections carry a bias (what it cannot express, ``check_config`` rejects).
     ``check_config``: raises ``ConversionError`` on config.json features that cannot be converted (the
-    ``ModelConfig`` itself is read by ``builders.model_config_from_hf``). ``write_config``: ``ModelConfig`` ->
-    config.json dict (used when exporting without a source HF directory to copy it from).
+    ``ModelConfig`` itself is read by ``builders.model_config_from_hf``, which calls this check, as do the
+    trainer and the conversion driver through it). ``write_config``: ``ModelConfig`` -> config.json dict (used
+    when exporting without a source HF directory to copy it from).
     """
 
     name: str
     hf_architectures: tuple[str, ...]
     model_type: str
+    add_qkv_bias: bool
     check_config: Callable[[dict[str, Any]], None]
     write_config: Callable[[ModelConfig], dict[str, Any]]
 
@@ -297,10 +300,12 @@ def iter_rules_by_megatron(rules: Sequence[Rule]) -> Iterator[tuple[str, Rule]]:
 
 def check_common_config(hf_config: dict[str, Any]) -> None:
     """Reject Llama-family features the Megatron model does not compute (``builders.model_config_from_hf`` reads
-    the rest and rejects RoPE scaling, MLP biases and a head_dim other than hidden / heads)."""
+    the rest and rejects RoPE scaling and a head_dim other than hidden / heads)."""
     act = hf_config.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config.json has hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
+    if hf_config.get("mlp_bias"):
+        raise ConversionError("config.json sets mlp_bias=true; MLP biases are not supported")
 
 
 def common_config_dict(cfg: ModelConfig) -> dict[str, Any]:

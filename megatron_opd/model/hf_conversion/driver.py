@@ -97,11 +97,10 @@ def model_config_for_hf(
     """The architecture and ``ModelConfig`` of a HF directory; rejects unsupported models with the reason."""
     from megatron_opd.model.builders import model_config_from_hf
 
-    hf_config = F.read_hf_config(hf_dir)
-    arch = A.architecture_for_hf_config(hf_config)
-    arch.check_config(hf_config)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return arch, model_config_from_hf(hf_config, hf_path=os.fspath(hf_dir), **overrides)
+    # model_config_from_hf detects and checks the architecture: the trainer reads checkpoints the same way.
+    cfg = model_config_from_hf(F.read_hf_config(hf_dir), hf_path=os.fspath(hf_dir), **overrides)
+    return A.get_architecture(cfg.architecture), cfg
 
 
 def hf_to_megatron(

@@ -25,8 +25,6 @@ def check_config(hf_config: dict[str, Any]) -> None:
         raise ConversionError(
             "config.json sets attention_bias=true (biases on q/k/v/o); not supported for Llama"
         )
-    if hf_config.get("mlp_bias"):
-        raise ConversionError("config.json sets mlp_bias=true; MLP biases are not supported")
     check_common_config(hf_config)
 
 
@@ -48,6 +46,7 @@ LLAMA = register(
         name="llama",
         hf_architectures=("LlamaForCausalLM",),
         model_type="llama",
+        add_qkv_bias=False,
         check_config=check_config,
         write_config=write_config,
     )

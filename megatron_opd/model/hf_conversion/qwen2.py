@@ -46,6 +46,7 @@ QWEN2 = register(
         name="qwen2",
         hf_architectures=("Qwen2ForCausalLM",),
         model_type="qwen2",
+        add_qkv_bias=True,
         check_config=check_config,
         write_config=write_config,
     )
