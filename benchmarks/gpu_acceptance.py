@@ -9,8 +9,9 @@ check, ``CHECK <name>: PASS|FAIL -- <numbers>``:
   benchmark (``bench_loss.py``'s cases: the train step's path, token terms + ``reference.opd_loss`` + backward)
   at N = 4,096 and 16,384, V = 151,936, H = 1,536 against our goals: peak memory of the fused loss
   (triton/terms, what ``loss.impl`` 'auto' runs on CUDA) <= 1/10 of naive (full fp32 logits); its time <= 1.3 x
-  the ideal time of its 4 LM-head GEMMs (8NHV: logits, their recompute in backward, d hidden, d weight) at
-  790 TFLOP/s (the H200's measured bf16 rate; the 6NHV floor of any path is printed too); >= 2x faster than
+  the issue's ideal, 6NHV at 790 TFLOP/s (the H200's measured bf16 rate: logits, d hidden, d weight). The
+  train step's path recomputes the logits in backward (8NHV, also printed), so this goal asks for a
+  gradient-in-forward path that training does not have yet, and is expected to FAIL until then; >= 2x faster than
   the chunked torch path (chunked/terms: the same GEMMs, torch softmax passes); FP8 gradient GEMMs
   (``loss.fp8_lm_head``) >= 1.3x faster than bf16 with max |d log p| <= 0.05 against the fp32 reference.
 - ``train-step``: a real Megatron student step at Qwen2-1.5B width (4 layers, 2 x 4,096 tokens, bf16, fused loss)
@@ -234,10 +235,10 @@ def check_loss_bench(report: Report, sizes: Sizes, dry: bool) -> None:
             if device == "cuda":
                 torch.cuda.empty_cache()
         report.note(bench_loss._table(list(rows.values()), n, h, v, gpu=True))
-        ideal = 8 * n * h * v / GEMM_RATE  # the 4 LM-head GEMMs the terms path runs
+        ideal = 6 * n * h * v / GEMM_RATE  # the issue's goal: the 3 GEMMs any LM-head loss needs
         mem = rows[fused]["peak_bytes"] / max(rows["naive"]["peak_bytes"], 1)
         t_ideal = rows[fused]["time_s"] / ideal
-        t_floor = rows[fused]["time_s"] / (6 * n * h * v / GEMM_RATE)
+        t_own = rows[fused]["time_s"] / (8 * n * h * v / GEMM_RATE)  # its own 4 GEMMs (logits recomputed)
         vs_chunked = rows["chunked/terms"]["time_s"] / rows[fused]["time_s"]
         fp8_speed = rows[fused]["time_s"] / rows["triton/terms+fp8"]["time_s"]
         fp8all_speed = rows[fused]["time_s"] / rows["triton/terms+fp8all"]["time_s"]
@@ -253,9 +254,9 @@ def check_loss_bench(report: Report, sizes: Sizes, dry: bool) -> None:
         report.check(
             f"loss-time-N{n}",
             finite and _judge(dry, t_ideal <= GOALS["time_vs_ideal"]),
-            f"{fused} {rows[fused]['time_s'] * 1e3:.2f} ms = {t_ideal:.2f} x ideal 8NHV at 790 "
-            f"TFLOP/s ({ideal * 1e3:.2f} ms; goal <= {GOALS['time_vs_ideal']}); {t_floor:.2f} x the 6NHV "
-            f"floor{note}",
+            f"{fused} {rows[fused]['time_s'] * 1e3:.2f} ms = {t_ideal:.2f} x ideal 6NHV at 790 "
+            f"TFLOP/s ({ideal * 1e3:.2f} ms; goal <= {GOALS['time_vs_ideal']}); {t_own:.2f} x its own 8NHV "
+            f"(logits recomputed in backward){note}",
         )
         report.check(
             f"loss-fused-vs-chunked-N{n}",
