@@ -28,6 +28,7 @@ def test_quick_comparison_writes_curves_table_and_plots(tmp_path):
         "policy gradient only",
         "top-K KL only",
         "both (sum)",
+        "full-vocabulary KL",
     }
     for r in runs:  # evaluations at steps 0, 2, 4 and a training clock that only moves forward
         assert r["steps"] == [0, 2, 4] and r["seconds"][0] == 0.0 and r["seconds"][1] < r["seconds"][2]
