@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
 
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items()}, "runs": results}, f, indent=1)
+        # paths relative to the repository, so the results read the same on any machine
+        meta = {k: os.path.relpath(v, ROOT) if k in ("out_dir", "doc") else v for k, v in vars(args).items()}
+        json.dump({"args": meta, "runs": results}, f, indent=1)
     plots = _plot(means, args.out_dir)
 
     sections = [
