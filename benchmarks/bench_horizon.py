@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -54,18 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from megatron_opd.analysis.schedules import main_job_argv
     from megatron_opd.toy.models import make_toy_models
     from megatron_opd.training.main import train
 
     toy = make_toy_models()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base = [
-        "--config", os.path.join(root, "examples", "configs", "cpu_toy.yaml"),
-        "--model.hf_path", toy.student, "--teacher.hf_path", toy.teacher, "--train.data_path", toy.train_data,
-        "--train.train_steps", str(args.steps), "--eval.eval_interval", "0", "--eval.at_start", "false",
-        "--eval.eval_teacher", "false", "--eval.at_end", "false", "--logging.log_dir", "none",
-        "--logging.progress_bar", "false", "--checkpoint.save", "none",
-    ]  # fmt: skip
+    base = main_job_argv(toy, steps=args.steps)  # no evaluation: time per step only
     order = list(SCHEDULES) + list(reversed(SCHEDULES))
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in SCHEDULES}
     for name in order:

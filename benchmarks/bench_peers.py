@@ -40,17 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("rollout", "teacher", "train", "sync")
 
 
-def _base_args(toy: Any, seed: int, steps: int, eval_every: int, max_problems: int) -> list[str]:
-    return [
-        "--config", os.path.join(ROOT, "examples", "configs", "cpu_toy.yaml"),
-        "--model.hf_path", toy.student, "--teacher.hf_path", toy.teacher, "--train.data_path", toy.train_data,
-        "--eval.datasets", toy.eval_spec, "--eval.max_problems", str(max_problems),
-        "--train.seed", str(seed), "--train.train_steps", str(steps), "--eval.eval_interval", str(eval_every),
-        "--eval.at_start", "true", "--eval.at_end", "true", "--eval.eval_teacher", "false",
-        "--logging.log_dir", "none", "--logging.progress_bar", "false", "--checkpoint.save", "none",
-    ]  # fmt: skip
-
-
 def _avg(scalars: dict[str, float]) -> float:
     keys = [k for k in scalars if k.startswith("eval/") and "/avg@" in k]
     if len(keys) != 1:
@@ -276,6 +265,7 @@ def main(argv: list[str] | None = None) -> str:
     import torch
 
     torch.set_num_threads(1)
+    from megatron_opd.analysis.schedules import main_job_argv
     from megatron_opd.toy.models import make_toy_models
 
     toy = make_toy_models()
@@ -285,7 +275,12 @@ def main(argv: list[str] | None = None) -> str:
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
         for k, seed in enumerate(seeds):
-            argv_s = _base_args(toy, seed, args.steps, args.eval_every, args.max_problems)
+            argv_s = main_job_argv(
+                toy, steps=args.steps, eval_every=args.eval_every, eval_problems=args.max_problems
+            ) + [
+                "--train.seed",
+                str(seed),
+            ]
             argv_s += shlex.split(args.ours_args)
             order = ["ours", "peer"] if k % 2 == 0 else ["peer", "ours"]
             results[seed] = {}

@@ -48,19 +48,6 @@ def _run(job: dict) -> dict:
     return {"group": job["group"], **curve.to_dict()}
 
 
-def _base_argv(toy, recipe, args) -> list[str]:
-    return [
-        "--config", os.path.join(ROOT, "examples", "configs", "cpu_toy.yaml"),
-        "--model.hf_path", toy.student, "--teacher.hf_path", toy.teacher,
-        "--train.data_path", toy.train_data, "--eval.datasets", toy.eval_spec,
-        "--rollout.max_response_length", str(recipe.max_response_tokens),
-        "--train.train_steps", str(args.steps), "--eval.eval_interval", str(args.eval_every),
-        "--eval.at_start", "true", "--eval.eval_teacher", "false", "--eval.max_problems", str(args.eval_problems),
-        "--logging.log_dir", "none", "--logging.progress_bar", "false", "--logging.log_interval", "100000",
-        "--checkpoint.save", "none",
-    ]  # fmt: skip
-
-
 def _slug(group: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", group.lower()).strip("_")
 
@@ -127,7 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     jobs = []
     for variant in args.variants:
         recipe = dataclasses.replace(base_recipe, **S.VARIANTS[variant])
-        base = _base_argv(make_toy_models(recipe), recipe, args)
+        base = S.main_job_argv(
+            make_toy_models(recipe),
+            steps=args.steps,
+            eval_every=args.eval_every,
+            eval_problems=args.eval_problems,
+            max_response_length=recipe.max_response_tokens,
+        )
         for name in args.schedules:
             for seed in args.seeds:
                 argv = base + S.SCHEDULES[name] + ["--train.seed", str(seed)]

@@ -71,6 +71,41 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+_MAIN_JOB_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "examples",
+    "configs",
+    "cpu_toy.yaml",
+)
+
+
+def main_job_argv(
+    toy: Any,
+    *,
+    steps: int,
+    eval_every: int = 0,
+    eval_problems: int = 128,
+    max_response_length: int | None = None,
+) -> list[str]:
+    """The CPU main job (``examples/configs/cpu_toy.yaml``) on ``toy``'s models (``toy.models.ToyModels``), as a
+    measurement run: ``steps`` steps; with ``eval_every`` > 0 the student is evaluated at the start, every
+    ``eval_every`` steps and at the end on ``eval_problems`` problems, with 0 never; no teacher evaluation, log
+    folder, checkpoint or progress bar, and a console line only at evaluations. Append overrides to it."""
+    evaluate = "true" if eval_every else "false"
+    argv = [
+        "--config", _MAIN_JOB_CONFIG,
+        "--model.hf_path", toy.student, "--teacher.hf_path", toy.teacher, "--train.data_path", toy.train_data,
+        "--eval.datasets", toy.eval_spec, "--eval.max_problems", str(eval_problems),
+        "--train.train_steps", str(steps), "--eval.eval_interval", str(eval_every),
+        "--eval.at_start", evaluate, "--eval.at_end", evaluate, "--eval.eval_teacher", "false",
+        "--logging.log_dir", "none", "--logging.progress_bar", "false", "--logging.log_interval", "100000",
+        "--checkpoint.save", "none",
+    ]  # fmt: skip
+    if max_response_length is not None:
+        argv += ["--rollout.max_response_length", str(max_response_length)]
+    return argv
+
+
 @dataclass
 class Curve:
     """One run: accuracy at each evaluation, with the step and the cumulative training seconds there."""

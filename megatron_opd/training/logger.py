@@ -49,6 +49,7 @@ class RunLogger:
         self.total_steps = total_steps
         self.log_dir, self.tensorboard_dir = log_dir, tensorboard_dir
         self.phase_seconds: dict[str, float] = {}
+        self._phase_names: set[str] = set()  # every phase timed so far: time/step_s is their sum
         self._start = time.time()
         self._first_step: int | None = (
             None  # the first step logged by this process (a resumed run starts late)
@@ -120,19 +121,27 @@ class RunLogger:
             yield
         finally:
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - t0
+            self._phase_names.add(name)
+
+    def end_step(self) -> dict[str, float]:
+        """This step's seconds per phase as ``time/<phase>_s`` scalars; the timers restart for the next step.
+
+        Called once per step whether or not the step is logged, so a step's times are its own even when
+        ``logging.log_interval`` skips the lines in between."""
+        out = {f"time/{name}_s": sec for name, sec in self.phase_seconds.items()}
+        self.phase_seconds = {}
+        return out
 
     def log(self, step: int, scalars: dict[str, float], *, console_keys: tuple[str, ...] = ()) -> None:
-        """Write ``scalars`` (plus phase seconds, wall-clock and peak memory) for ``step``; reset the timers."""
+        """Write ``scalars`` (plus the phase seconds not yet taken by ``end_step``, wall-clock and peak memory) for
+        ``step``; reset the timers."""
+        phases = self.end_step()
         if not self.enabled:
-            self.phase_seconds = {}
             return
-        row = dict(scalars)
-        for name, sec in self.phase_seconds.items():
-            row[f"time/{name}_s"] = sec
-        row["time/step_s"] = sum(self.phase_seconds.values())
+        row = {**phases, **scalars}
+        row["time/step_s"] = sum(row.get(f"time/{name}_s", 0.0) for name in self._phase_names)
         row["time/wall_clock_s"] = time.time() - self._start
         row["memory/peak_gb"] = peak_memory_gb()
-        self.phase_seconds = {}
         if self._writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

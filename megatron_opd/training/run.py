@@ -516,9 +516,9 @@ def step_scalars(run: Run, step: int, result: StepResult, stats: dict[str, float
             num_buckets=run.cfg.logging.kl_position_buckets,
         )
     )
-    secs = run.logger.phase_seconds
-    out.update({f"time/{phase}_s": sec for phase, sec in secs.items()})
+    out.update(run.logger.end_step())  # this step's phase seconds, whether or not the step is logged
     for phase, key in (("rollout", "rollout/generated_tokens"), ("train", "train/tokens")):
-        if secs.get(phase, 0) > 0 and key in out:
-            out[f"throughput/{phase}_tokens_per_s"] = out[key] / secs[phase]
+        sec = out.get(f"time/{phase}_s", 0.0)
+        if sec > 0 and key in out:
+            out[f"throughput/{phase}_tokens_per_s"] = out[key] / sec
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not math.isnan(v)}

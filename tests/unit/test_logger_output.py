@@ -57,3 +57,22 @@ def test_outputs_names_every_destination(tmp_path):
     assert f"{tmp_path}/run/ (metrics.jsonl, log.txt)" in line and "tb" in line and "ckpt" in line
     assert "no checkpoints" in log.outputs(None)
     log.close()
+
+
+def test_each_step_gets_its_own_phase_seconds_when_lines_are_skipped(tmp_path, monkeypatch):
+    """logging.log_interval > 1: the steps between two logged lines must not add up into the next one."""
+    from megatron_opd.training import logger as L
+
+    clock = iter(float(t) for t in range(1000))
+    monkeypatch.setattr(L.time, "perf_counter", lambda: next(clock))
+    log = RunLogger(log_dir=str(tmp_path), tensorboard_dir=None, enabled=True, total_steps=3)
+    per_step = []
+    for step in range(3):
+        with log.phase("train", step):  # each phase lasts exactly 1 fake second
+            pass
+        per_step.append(log.end_step())
+    assert per_step == [{"time/train_s": 1.0}] * 3
+    log.log(3, per_step[-1])
+    log.close()
+    row = (tmp_path / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"time/train_s": 1.0' in row and '"time/step_s": 1.0' in row
