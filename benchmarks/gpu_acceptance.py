@@ -120,7 +120,7 @@ DRY = Sizes(
         max_position_embeddings=256,
         untie_embeddings_and_output_weights=False,
         params_dtype="float32",
-        local_attention="sdpa",  # what the GPU run uses without TE (on CPU 'auto' would pick Megatron's)
+        local_attention="sdpa",  # what the GPU run uses without TE
     ),
     seqs=2,
     seq_len=40,

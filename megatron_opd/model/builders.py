@@ -83,10 +83,8 @@ def masked_softmax_fusion_available() -> bool:
 
 
 def use_sdpa_attention(model_cfg: ModelConfig) -> bool:
-    """Resolve ``model.local_attention`` for the local spec: 'auto' is SDPA on CUDA, Megatron's on CPU."""
-    if model_cfg.local_attention == "auto":
-        return torch.cuda.is_available()
-    return model_cfg.local_attention == "sdpa"
+    """Resolve ``model.local_attention`` for the local spec: 'auto' and 'sdpa' are torch SDPA."""
+    return model_cfg.local_attention != "megatron"
 
 
 def use_transformer_engine(model_cfg: ModelConfig) -> bool:

@@ -125,6 +125,7 @@ class MegatronTeacher:
             cfg.hf_path,
             params_dtype=student.params_dtype if torch.cuda.is_available() else "float32",
             transformer_impl=student.transformer_impl,
+            local_attention=student.local_attention,
             make_vocab_size_divisible_by=student.make_vocab_size_divisible_by,
         )
         tp = mpu.get_tensor_model_parallel_world_size()

@@ -84,8 +84,8 @@ def test_local_attention_switch() -> None:
 
     assert sdpa_cls(dataclasses.replace(MODEL, local_attention="sdpa")) is SDPAttention
     assert sdpa_cls(dataclasses.replace(MODEL, local_attention="megatron")) is DotProductAttention
-    # 'auto' follows CUDA: Megatron's on this CPU machine, SDPA where CUDA is present.
-    assert builders.use_sdpa_attention(MODEL) == torch.cuda.is_available()
+    # 'auto' (the default) is SDPA on every device, CPU included.
+    assert MODEL.local_attention == "auto" and builders.use_sdpa_attention(MODEL)
 
 
 def _batch(seed: int = 0) -> OPDBatch:
