@@ -195,6 +195,11 @@ class OPDConfig:
                 f"({self.train.micro_batch_size}) x data-parallel size ({dp}) = {per_rank}; "
                 "change one of them so each rank gets whole micro-batches"
             )
+        if self.rollout.engine_ranks == "data_parallel" and self.train.global_batch_size % dp:
+            raise ConfigError(
+                f"rollout.engine_ranks 'data_parallel' splits the step's {self.train.global_batch_size} prompts "
+                f"over {dp} data-parallel ranks: make train.global_batch_size a multiple of {dp}"
+            )
         return dp
 
     def to_dict(self) -> dict:

@@ -34,6 +34,13 @@ class RolloutConfig:
 
     backend: Literal["embedded", "sglang"] = "embedded"
     """'embedded' (in-process, the CPU default) or 'sglang' (SGLang servers)."""
+    engine_ranks: Literal["controller", "data_parallel"] = "controller"
+    """backend 'embedded': where the in-process engines run. 'controller': one engine on rank 0, which generates
+    (and scores) the whole step and hands each data-parallel rank its share. 'data_parallel': one engine on every
+    data-parallel rank's leader (TP = PP = CP rank 0), each generating and scoring its own share of the step's
+    prompts, so the rollout phase shrinks with the data-parallel size (the colocated layout of verl's hybrid
+    engine), at the cost of one engine's weights on each leader. Same objective either way; the samples differ
+    only by their random streams (greedy rollouts are identical)."""
     temperature: float = 1.0
     """Sampling temperature (paper: 1.0)."""
     top_p: float = 1.0
@@ -80,6 +87,12 @@ class RolloutConfig:
         check_range("rollout.request_timeout_s", self.request_timeout_s, 0.0, lo_open=True)
         check_range("rollout.max_retries", self.max_retries, 0)
         _check_servers("rollout", self.sglang_urls, self.launch_server, self.backend)
+        if self.engine_ranks == "data_parallel" and self.backend != "embedded":
+            fail(
+                "rollout.engine_ranks",
+                self.engine_ranks,
+                "'controller' with backend 'sglang' (the servers already serve every rank's requests)",
+            )
         for addr in self.sync_address:
             if not addr or "/" in addr or addr.count(":") == 1:  # one colon: host:port (IPv6 has several)
                 fail("rollout.sync_address", addr, "bare host addresses (no scheme, no port: see sync_port)")

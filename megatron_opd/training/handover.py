@@ -267,16 +267,17 @@ def _build(rollouts, scores, window, plan, lengths, K, pad_id) -> tuple[list[tor
     return flats, batches
 
 
-def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0) -> int:
+def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0, key: str = _KEY) -> int:
     """Block (outside any collective) until rank 0 has posted this rank's next hand-over; returns its number.
 
     Polls the store's ``posted`` counter with a sleep growing from 1 ms to 50 ms, logging every
-    ``heartbeat_s`` seconds so a long rollout phase shows up in the logs as waiting, not as a hang.
+    ``heartbeat_s`` seconds so a long rollout phase shows up in the logs as waiting, not as a hang. ``key``
+    names the counters: another poster (a data-parallel rank's own engine) uses its own.
     """
-    n = store.add(f"{_KEY}/taken/{rank}", 1)
+    n = store.add(f"{key}/taken/{rank}", 1)
     t0 = last = time.monotonic()
     sleep = _POLL_MIN_S
-    while store.add(f"{_KEY}/posted", 0) < n:
+    while store.add(f"{key}/posted", 0) < n:
         time.sleep(sleep)
         sleep = min(2 * sleep, _POLL_MAX_S)
         now = time.monotonic()
@@ -286,8 +287,8 @@ def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60
     return n
 
 
-def _post(store: dist.Store) -> None:
-    store.add(f"{_KEY}/posted", 1)
+def _post(store: dist.Store, key: str = _KEY) -> None:
+    store.add(f"{key}/posted", 1)
 
 
 def _broadcast(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:

@@ -6,7 +6,9 @@ the rollout engine and the teacher, the data sampler, the horizon schedule, logg
 
 Placement. Rank 0 is the controller: it drives the rollout engine and the teacher (in-process, or clients of
 SGLang servers), then hands the scored rollouts over as tensors (``training/handover.py``): each data-parallel
-rank receives only its share, already cut into micro-batches for Megatron's schedule. After each optimizer step
+rank receives only its share, already cut into micro-batches for Megatron's schedule. With
+``rollout.engine_ranks: data_parallel`` every data-parallel replica's leader has its own embedded engine and
+generates its own share instead (``training/local_rollouts.py``). After each optimizer step
 each pipeline stage's first rank sends its own layers, in their HF names (TP shards joined), to the rollout engine
 (``training/weight_sync.py``), so the next rollouts are on-policy. Everything random is seeded from
 (train.seed, step), so a resumed run repeats an uninterrupted one.
@@ -46,6 +48,7 @@ from megatron_opd.teacher.vocab import check_teacher_student_vocab
 from megatron_opd.training import checkpoint as ckpt
 from megatron_opd.training.batch import OPDBatch
 from megatron_opd.training.handover import HandoverGroups, hand_over
+from megatron_opd.training.local_rollouts import hand_over_local, local_share, replica_leaders, replica_seed
 from megatron_opd.training.logger import RunLogger
 from megatron_opd.training.optimizer import TrainingObjects, setup_training
 from megatron_opd.training.preflight import check_run_inputs
@@ -63,7 +66,8 @@ class NonFiniteError(OPDError, RuntimeError):
 
 @dataclass
 class Run:
-    """Everything a run holds. ``engine``/``teacher`` exist on rank 0 only."""
+    """Everything a run holds. ``engine``/``teacher`` exist on the rollout leaders only: rank 0, or with
+    rollout.engine_ranks 'data_parallel' every data-parallel replica's TP = PP = CP rank 0."""
 
     cfg: OPDConfig
     info: ParallelInfo
@@ -84,10 +88,21 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     servers: list[Any] = field(default_factory=list)  # SGLang servers this run launched (rank 0)
     weight_sync: TrainerWeightSync | None = None  # every rank: its part in sending weights to the engine
+    rollout_leader: bool = (
+        False  # this rank drives a rollout engine (and the teacher unless it is in the step)
+    )
+    leader_ranks: dict[int, int] = field(
+        default_factory=dict
+    )  # data_parallel engines: dp rank -> leader rank
 
     @property
     def is_controller(self) -> bool:
         return self.info.rank == 0
+
+    @property
+    def local_engines(self) -> bool:
+        """Every data-parallel replica generates its own share (rollout.engine_ranks 'data_parallel')."""
+        return self.cfg.rollout.engine_ranks == "data_parallel"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,8 +170,13 @@ def setup_run(cfg: OPDConfig) -> Run:
     run = Run(
         cfg, info, model_cfg, training, train_step, schedule, dataset, sampler, tokenizer, run_logger, total
     )
-    if info.rank == 0:
+    run.rollout_leader = info.rank == 0
+    if run.local_engines:
+        run.rollout_leader = info.tp_rank == info.pp_rank == mpu.get_context_parallel_rank() == 0
+        run.leader_ranks = replica_leaders(info.dp_rank, run.rollout_leader)
+    if run.rollout_leader:
         _build_engines(run)
+    if info.rank == 0:
         if log_dir:
             with open(os.path.join(log_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(dump_yaml(cfg))
@@ -229,6 +249,8 @@ def _build_engines(run: Run) -> None:
             request_timeout_s=cfg.rollout.request_timeout_s,
             max_retries=cfg.rollout.max_retries,
         )
+    if not run.is_controller:  # a data-parallel replica's own engine: no evaluation engines
+        return
     if cfg.eval.eval_teacher and cfg.teacher.backend in ("embedded", "megatron"):
         from megatron_opd.rollout.embedded import EmbeddedEngine
 
@@ -355,17 +377,22 @@ def _wants_student_topk(cfg: OPDConfig) -> bool:
 def generate_rollouts(
     run: Run, prompts: PromptBatch, window: HorizonWindow, step: int
 ) -> RolloutResult | None:
-    """Rank 0: ``n_samples_per_prompt`` rollouts per prompt, cut at the horizon's generation length."""
-    if not run.is_controller:
+    """Rollout leaders: ``n_samples_per_prompt`` rollouts per prompt, cut at the horizon's generation length;
+    rank 0 for the whole batch, or each data-parallel replica's leader for its share (``local_engines``)."""
+    if not run.rollout_leader:
         return None
     cfg = run.cfg
+    indices, seed = list(prompts.indices), derive_seed(cfg.train.seed, step)
+    if run.local_engines:
+        share = local_share(len(indices), run.info.dp_rank, run.info.dp_size)
+        indices, seed = indices[share.start : share.stop], replica_seed(seed, run.info.dp_rank)
     result = run.engine.generate(
-        [run.dataset[i].prompt_ids for i in prompts.indices],
+        [run.dataset[i].prompt_ids for i in indices],
         n=cfg.train.n_samples_per_prompt,
         max_new_tokens=window.generate,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
-        seed=derive_seed(cfg.train.seed, step),
+        seed=seed,
         topk=cfg.teacher.topk if _wants_student_topk(cfg) else 0,
     )
     result.validate()
@@ -373,10 +400,10 @@ def generate_rollouts(
 
 
 def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | None:
-    """Rank 0: the teacher's logprobs of every response token (and top-K terms when the loss uses them).
+    """Rollout leaders: the teacher's logprobs of every response token (and top-K terms when the loss uses them).
 
     None with teacher.backend 'megatron': that teacher scores inside the train step."""
-    if not run.is_controller or run.cfg.teacher.backend == "megatron":
+    if not run.rollout_leader or run.cfg.teacher.backend == "megatron":
         return None
     cfg = run.cfg
     topk = cfg.teacher.topk if cfg.loss.topk_kl_coef > 0 else 0
@@ -393,7 +420,19 @@ def make_micro_batches(
     run: Run, rollouts: RolloutResult | None, scores: TeacherScores | None, window: HorizonWindow
 ) -> tuple[list[OPDBatch], dict[str, float]]:
     """Hand rank 0's scored rollouts over as tensors (``scores`` None: the step scores, teacher.backend
-    'megatron'); return this rank's micro-batches and rollout statistics."""
+    'megatron'), or each replica's own (``local_engines``); return this rank's micro-batches and the step's
+    rollout statistics."""
+    if run.local_engines:
+        return hand_over_local(
+            rollouts,
+            scores,
+            window,
+            HandoverGroups.from_mpu(),
+            micro_batch_size=run.cfg.train.micro_batch_size,
+            pad_id=run.tokenizer.pad_token_id or 0,
+            leader=run.rollout_leader,
+            leader_rank=run.leader_ranks[run.info.dp_rank],
+        )
     return hand_over(
         rollouts,
         scores,

@@ -59,7 +59,8 @@ class TrainerWeightSync:
         cfg: the rollout section (backend, weight_sync, sync_* fields).
         info: this rank's place in the layout.
         model_chunks, model_cfg, tp_group, cp_rank: what ``iter_hf_weights`` needs on the participating ranks.
-        engine: the rollout engine (rank 0 only, None elsewhere).
+        engine: the rollout engine (rank 0 only, None elsewhere; with rollout.engine_ranks 'data_parallel' each
+            data-parallel replica's leader holds its own embedded engine and every replica syncs its own).
         urls: the rollout servers (all ranks; empty for the embedded engine).
         hf_path, weight_sync_dir: the model's HF directory and the disk sync's output directory.
         timeout_s: per-request timeout of the sync's HTTP calls and of forming a group.
@@ -85,19 +86,22 @@ class TrainerWeightSync:
         self.engine = engine
         self.timeout_s = timeout_s
         self.bucket_bytes = cfg.sync_bucket_mb << 20
-        self.participates = info.dp_rank == 0 and cp_rank == 0
+        self.kind = "embedded" if cfg.backend == "embedded" else cfg.weight_sync
+        every_replica = self.kind == "embedded" and cfg.engine_ranks == "data_parallel"
+        self.participates = (info.dp_rank == 0 or every_replica) and cp_rank == 0
         self.is_sender = self.participates and info.tp_rank == 0
         self.controller = info.rank == 0
-        self.kind = "embedded" if cfg.backend == "embedded" else cfg.weight_sync
+        # The rank whose in-process engine loads the weights: rank 0, or each replica's leader.
+        self.receiver = self.kind == "embedded" and engine is not None
         self.sink = None  # this sender's DistributedWeightSync / DiskWeightSync
         if self.kind != "embedded" and self.is_sender:
             self.sink = (
                 engine.weight_sync if self.controller else self._own_sink(urls, hf_path, weight_sync_dir)
             )
-        # Rank 0 receives the later stages (embedded engine) from each stage's sender: rank 0's pipeline group
-        # is exactly the stages' senders, in stage order.
-        self.stage_senders: list[int] = [0]
-        if info.pp_size > 1 and self.controller:
+        # The engine's rank receives the later stages (embedded engine) from each stage's sender: its pipeline
+        # group is exactly the stages' senders, in stage order (and a sender's first entry is its receiver).
+        self.stage_senders: list[int] = [info.rank]
+        if info.pp_size > 1 and self.participates and info.tp_rank == 0:
             from megatron.core import parallel_state as mpu
 
             self.stage_senders = dist.get_process_group_ranks(mpu.get_pipeline_model_parallel_group())
@@ -148,7 +152,7 @@ class TrainerWeightSync:
                     sent = self._send_stage(stage)
                 except Exception as e:  # noqa: BLE001
                     error = e
-            elif self.controller and self.kind == "embedded":
+            elif self.receiver:
                 self._receive_stage(stage)  # its bytes are counted once, by the sender
             total += self._check(error, f"sending pipeline stage {stage}'s weights", sent)
         if self.controller and self.kind != "embedded":
@@ -211,7 +215,7 @@ class TrainerWeightSync:
                 return self.sink.send(buckets)
             if self.kind == "disk":
                 return self.sink.write(buckets, part=stage)
-            if stage == 0:  # rank 0 itself: straight into the in-process engine, bucket by bucket
+            if stage == 0:  # the engine's own rank: straight into the in-process engine, bucket by bucket
                 sent = 0
                 for bucket in buckets:
                     self.engine.update_weights(bucket)
@@ -224,18 +228,19 @@ class TrainerWeightSync:
                 pass
 
     def _send_to_controller(self, buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> int:
+        receiver = self.stage_senders[0]  # the first stage of this sender's pipeline group holds the engine
         sent = 0
         for bucket in buckets:
             header = [[(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in bucket]]
-            dist.send_object_list(header, dst=0)
+            dist.send_object_list(header, dst=receiver)
             for _, t in bucket:
-                dist.send(t.detach().contiguous(), dst=0)
+                dist.send(t.detach().contiguous(), dst=receiver)
                 sent += t.numel() * t.element_size()
-        dist.send_object_list([None], dst=0)  # end of this stage
+        dist.send_object_list([None], dst=receiver)  # end of this stage
         return sent
 
     def _receive_stage(self, stage: int) -> int:
-        """Rank 0, embedded engine: stage ``stage``'s tensors from its sender, loaded bucket by bucket."""
+        """The engine's rank: stage ``stage``'s tensors from its sender, loaded bucket by bucket."""
         src = self.stage_senders[stage]
         device = torch.device("cuda", torch.cuda.current_device()) if self.info.backend == "nccl" else "cpu"
         got = 0

@@ -299,3 +299,14 @@ def test_megatron_teacher_with_full_kl_only_is_a_valid_loss():
 def test_fp8_lm_head_is_accepted_with_every_fused_loss_path():
     for impl in ("auto", "chunked", "triton"):
         assert parse_config(["--loss.fp8_lm_head", "true", "--loss.impl", impl]).loss.fp8_lm_head
+
+
+def test_data_parallel_engines_need_the_embedded_engine_and_an_even_prompt_split() -> None:
+    with pytest.raises(ConfigError, match="rollout.engine_ranks"):
+        parse_config(["--rollout.backend", "sglang", "--rollout.sglang_urls", "http://127.0.0.1:1",
+                      "--rollout.engine_ranks", "data_parallel"])  # fmt: skip
+    cfg = parse_config(["--rollout.engine_ranks", "data_parallel", "--global-batch-size", "3",
+                        "--n-samples-per-prompt", "2", "--micro-batch-size", "1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        cfg.check_world_size(2)
+    assert cfg.check_world_size(3) == 3  # 3 prompts over 3 ranks: one each
