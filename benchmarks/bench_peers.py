@@ -3,8 +3,9 @@
 
 Why it exists: a user choosing a tool compares accuracy against wall-clock. This runs both on the same toy models
 (``megatron_opd.toy.models.make_toy_models``), the same prompts in the same order (the main job's sampler, each
-prompt ``n_samples_per_prompt`` times), the same batch (16 prompts x 4 rollouts), lr 1e-4 Adam, clip 1, one torch
-thread each, and evaluates both students with the project's evaluator (avg@4 on 128 problems, temperature 1, the
+prompt ``n_samples_per_prompt`` times), the same batch (16 prompts x 4 rollouts), lr 1e-4 Adam, clip 1, the same CPU
+cores (``--cores``, default 1: one torch thread each; with N, ours runs N single-threaded data-parallel ranks that
+each generate their own share, the peer one process with N torch threads), and evaluates both students with the project's evaluator (avg@4 on 128 problems, temperature 1, the
 same seeds) at the same steps. Evaluation is out of the training wall-clock: ours evaluates in the loop and the
 time is taken out; TRL saves its student at those steps and is evaluated afterwards (``peer_trl.py``, run in
 ``.venv-trl`` as built by ``make bench-peers``). The two alternate which goes first from seed to seed, so drift of
@@ -48,7 +49,10 @@ def _avg(scalars: dict[str, float]) -> float:
 
 
 def run_ours(argv: list[str]) -> dict[str, Any]:
-    """The main job in this process; its training wall-clock with evaluation taken out, and its curve."""
+    """The main job in this process; its training wall-clock with evaluation taken out, and its curve. With
+    several ranks (``run_ours_ranks``) each calls it; the CPU seconds of the curve are then summed over ranks."""
+    import torch
+
     from megatron_opd.training import run as R
     from megatron_opd.training.main import train
 
@@ -64,10 +68,14 @@ def run_ours(argv: list[str]) -> dict[str, Any]:
     def timed_evaluate(run, step, *, teacher=False):
         t, c = time.perf_counter(), time.process_time()
         out = evaluate(run, step, teacher=teacher)
-        if not teacher:
+        if run.info.world_size > 1:  # rank 0 evaluates alone: no other rank works on during that time
+            torch.distributed.barrier()
+        if not teacher:  # every rank keeps its clocks; rank 0 evaluates, the others get {}
             train_s = t - clock["t0"] - clock["eval_s"]
             cpu_s = c - clock["c0"] - clock["eval_cpu_s"]
-            curve.append({"step": step, "train_s": train_s, "cpu_s": cpu_s, "avg": _avg(out)})
+            curve.append(
+                {"step": step, "train_s": train_s, "cpu_s": cpu_s, "avg": _avg(out) if out else None}
+            )
         clock["eval_s"] += time.perf_counter() - t
         clock["eval_cpu_s"] += time.process_time() - c
         return out
@@ -79,6 +87,13 @@ def run_ours(argv: list[str]) -> dict[str, Any]:
     finally:
         R.setup_run, R.evaluate = setup_run, evaluate
     phases = {ph: sum(h.get(f"time/{ph}_s", 0.0) for h in history) for ph in PHASES}
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        every: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, [pt["cpu_s"] for pt in curve])
+        if torch.distributed.get_rank():
+            return {}
+        for i, pt in enumerate(curve):  # rank 0's curve: each point's CPU seconds summed over all ranks
+            pt["cpu_s"] = sum(cpu[i] for cpu in every)
     last = curve[-1]
     return {
         "curve": curve,
@@ -87,6 +102,21 @@ def run_ours(argv: list[str]) -> dict[str, Any]:
         "phases": phases,
         "steps": len(history),
     }
+
+
+def _ours_rank(rank: int, world: int, argv: list[str]) -> dict[str, Any]:
+    return run_ours(argv)
+
+
+def run_ours_ranks(argv: list[str], cores: int) -> dict[str, Any]:
+    """Ours on ``cores`` single-threaded processes: data-parallel replicas, each generating its own share of the
+    step (``rollout.engine_ranks data_parallel``), the step's 64 rollouts split evenly."""
+    from megatron_opd.utils.spawn import run_on_ranks
+
+    if cores == 1:
+        return run_ours(argv)
+    extra = ["--rollout.engine_ranks", "data_parallel", "--train.micro_batch_size", str(64 // cores)]
+    return run_on_ranks(_ours_rank, cores, argv + extra, timeout_s=3600)[0]
 
 
 def peer_python() -> str:
@@ -98,7 +128,9 @@ def peer_env_ready() -> bool:
     return os.path.exists(os.path.join(ROOT, ".venv-trl", ".installed"))
 
 
-def run_peer(argv: list[str], seed: int, steps: int, save_steps: list[int], tmp: str) -> dict[str, Any]:
+def run_peer(
+    argv: list[str], seed: int, steps: int, save_steps: list[int], tmp: str, threads: int = 1
+) -> dict[str, Any]:
     """TRL in .venv-trl on the main job's prompts in the main job's order; its students evaluated here."""
     import torch
 
@@ -128,6 +160,7 @@ def run_peer(argv: list[str], seed: int, steps: int, save_steps: list[int], tmp:
         "--steps", str(steps), "--seed", str(seed), "--batch", str(cfg.train.global_batch_size * n),
         "--max-new-tokens", str(cfg.rollout.max_response_length), "--lr", str(cfg.optimizer.lr),
         "--clip", str(cfg.optimizer.clip_grad), "--save-steps", ",".join(map(str, save_steps)), "--out", out,
+        "--threads", str(threads),
     ]  # fmt: skip
     # Our run in this process set torch.distributed's variables; the peer runs as a plain single process.
     drop = {
@@ -140,7 +173,7 @@ def run_peer(argv: list[str], seed: int, steps: int, save_steps: list[int], tmp:
         "PYTHONPATH",
     }
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("TORCHELASTIC")}
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
     subprocess.run(cmd, check=True, stdout=sys.stderr, env=env, cwd=ROOT)
     with open(os.path.join(out, "timing.json"), encoding="utf-8") as f:
         timing = json.load(f)
@@ -177,17 +210,26 @@ def time_to(curve: list[dict[str, float]], target: float, key: str = "train_s") 
     return next((p[key] for p in curve if p["avg"] >= target), float("inf"))
 
 
+def _cores_text(cores: int) -> str:
+    if cores == 1:
+        return "one torch thread each"
+    return (
+        f"{cores} CPU cores each (ours: {cores} single-threaded data-parallel ranks, each generating its share; "
+        f"peer: one process, {cores} torch threads)"
+    )
+
+
 def report(results: dict[int, dict[str, Any]], args: argparse.Namespace, loads: list[float]) -> str:
     lines = [
         f"# megatron-opd vs TRL DistillationTrainer on the CPU main job ({datetime.date.today()})",
         "",
         f"{args.steps} steps, seeds {', '.join(map(str, results))}, evaluation every {args.eval_every} steps "
-        f"(avg@4, temperature 1, {args.max_problems} problems), one torch thread each; ours: cpu_toy.yaml "
+        f"(avg@4, temperature 1, {args.max_problems} problems), {_cores_text(args.cores)}; ours: cpu_toy.yaml "
         f"{args.ours_args or '(as shipped)'}. 1-minute load average during the run: "
         f"{min(loads):.1f} to {max(loads):.1f} ({os.cpu_count()} CPUs).",
         "",
         "Wall-clock is what the ratios below use; on a loaded shared machine the CPU seconds of each process "
-        "(one torch thread each) are the steadier measure of cost and are given beside it.",
+        "(summed over threads and ranks) are the steadier measure of cost and are given beside it.",
         "",
         "| seed | system | s/step | CPU s/step | rollout s | teacher s | train s | sync s | train wall-clock s "
         "| final avg@4 |",
@@ -250,11 +292,20 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--quick", action="store_true", help="1 seed, 4 steps, evaluation at 0/2/4 on 32 problems")
     p.add_argument("--ours-args", default="", help="extra config overrides for our side (one shell string)")
     p.add_argument("--no-peer", action="store_true", help="run our side only (no .venv-trl needed)")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=1,
+        help="CPU cores each system gets: ours as that many single-threaded data-parallel ranks, each generating "
+        "its own share (rollout.engine_ranks data_parallel); the peer as one process with that many torch threads",
+    )
     p.add_argument("--out", default=None, help="also write the report to this markdown file")
     p.add_argument("--json", default=None, help="also write the raw curves and timings to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.max_problems = args.seeds.split(",")[0], 4, 2, 32
+    if args.cores < 1 or 64 % args.cores:
+        p.error("--cores must divide the step's 64 rollouts (1, 2, 4, ...)")
     if args.steps % args.eval_every:
         p.error("--steps must be a multiple of --eval-every (both systems are evaluated at the same steps)")
     if not args.no_peer and not peer_env_ready():
@@ -289,9 +340,9 @@ def main(argv: list[str] | None = None) -> str:
                     continue
                 print(f"== seed {seed}: {who} ({args.steps} steps)", file=sys.stderr, flush=True)
                 if who == "ours":
-                    results[seed]["ours"] = run_ours(argv_s)
+                    results[seed]["ours"] = run_ours_ranks(argv_s, args.cores)
                 else:
-                    results[seed]["peer"] = run_peer(argv_s, seed, args.steps, save_steps, tmp)
+                    results[seed]["peer"] = run_peer(argv_s, seed, args.steps, save_steps, tmp, args.cores)
                 loads.append(os.getloadavg()[0])
             ours_steps = [pt["step"] for pt in results[seed]["ours"]["curve"]]
             if ours_steps != save_steps:

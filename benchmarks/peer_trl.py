@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--save-steps", required=True, help="comma-separated steps whose student is saved")
     p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU cores it gets)")
     args = p.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer

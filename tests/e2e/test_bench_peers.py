@@ -46,8 +46,10 @@ def _check_ours(ours):
     assert ours["steps"] == 4
 
 
-def test_bench_peers_ours_quick(tmp_path):
-    lines, results = _bench(tmp_path, "--no-peer")
+@pytest.mark.parametrize("cores", [1, 2])
+def test_bench_peers_ours_quick(tmp_path, cores):
+    # --cores 2: two data-parallel ranks, each generating its own share (rollout.engine_ranks data_parallel)
+    lines, results = _bench(tmp_path, "--no-peer", "--cores", str(cores))
     (seed,) = results
     _check_ours(results[seed]["ours"])
     assert "peer" not in results[seed]
