@@ -1,4 +1,5 @@
-"""The two-model loss terms at TP=2 (gloo, vocabulary split 19 + 18 rows) equal TP=1, for both impls.
+"""The two-model loss terms at TP=2 (gloo, vocabulary split 19 + 18 rows) equal TP=1, for every impl (Triton
+through its interpreter on CPU).
 
 Each rank holds its shard of both LM heads (the same ids) and the replicated hidden states of both models (the
 student's wrapped in ``copy_to_tp_region`` so its gradient is summed over the group). Compared with the
@@ -21,6 +22,7 @@ N, HS, HT, V, K = 11, 9, 7, 37, 5
 SPLIT = [0, 19, V]
 TOL = dict(atol=2e-5, rtol=1e-5)
 REAL = 17  # with vocab_size=REAL, rows 17..36 are embedding padding: rank 1 holds padding only
+IMPLS = ("reference", "chunked", "triton")
 KEYS = ("logp", "teacher_logp", "topk_kl", "full_kl", "gh", "gw")
 
 
@@ -56,10 +58,10 @@ def _worker(rank, world):
     lo, hi = SPLIT[rank], SPLIT[rank + 1]
     out = {
         f"{impl}/{s}": _terms(impl, s, lo, hi, dist.group.WORLD)
-        for impl in ("reference", "chunked")
+        for impl in IMPLS
         for s in ("student", "teacher")
     }
-    for impl in ("reference", "chunked"):
+    for impl in IMPLS:
         out[f"pad/{impl}"] = _terms(impl, "student", lo, hi, dist.group.WORLD, vocab_size=REAL)
     return out
 
@@ -69,7 +71,7 @@ def tp2():
     return run_on_ranks(_worker, 2)
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("strategy", ["student", "teacher"])
 def test_two_model_terms_tp2_equal_tp1(impl, strategy, tp2):
     tp1 = _terms("reference", strategy, 0, V, None)
@@ -82,7 +84,7 @@ def test_two_model_terms_tp2_equal_tp1(impl, strategy, tp2):
             torch.testing.assert_close(got[key], ref, **TOL, msg=f"{impl}/{strategy} {key} rank {rank}")
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_padding_rows_stay_out_of_the_softmax_even_on_a_padding_only_rank(impl, tp2):
     tp1 = _terms("reference", "student", 0, REAL, None, vocab_size=REAL)  # the unpadded vocabulary
     for rank, res in enumerate(tp2):
