@@ -31,6 +31,9 @@ online softmax, the full-KL accumulator and the logits at y; one in-place pass f
 model); the logits of both models stay fp32, so every forward output is unchanged. The teacher's hidden states and weight never get
 gradients. Vocabulary parallelism as in ``adapter``: both weights are this rank's shard of the same ids; wrap
 the student's hidden states in ``adapter.copy_to_tp_region``.
+
+``model_scores`` is the one-model half of the forward (no gradient): a teacher's log p at the sampled token and
+at given (or its own) top-K ids over tiles, for ``MegatronTeacher.score``'s ``TeacherScores``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from megatron_opd.loss.reference import (
     two_model_token_terms_from_logits,
 )
 
-__all__ = ["TwoModelTerms", "two_model_terms", "logits_at"]
+__all__ = ["TwoModelTerms", "two_model_terms", "logits_at", "model_scores"]
 
 DEFAULT_TILE = 8192
 PAD_LOGIT = -1e30  # finite (not -inf) so p * log p terms at padding ids stay 0 instead of NaN
@@ -93,6 +96,22 @@ def tile_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _tiles(v: int, tile: int) -> list[slice]:
     return [slice(i, min(i + tile, v)) for i in range(0, v, tile)]
+
+
+def _merge_topk(top_v, top_i, z, k: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-K (values [C, <=K], global ids) merged with a logits tile z [C, t] of ids start .. start+t-1."""
+    vals, idx = tile_topk(z, min(k, z.shape[1]))
+    cand_v, cand_i = torch.cat([top_v, vals], -1), torch.cat([top_i, idx + start], -1)
+    return topk_of_candidates(cand_v, cand_i, min(k, cand_v.shape[1]))
+
+
+def _global_topk(top_v: torch.Tensor, top_i: torch.Tensor, k: int, tp_group) -> torch.Tensor:
+    """This rank's top-K candidates [C, <=K] -> the top-K ids [C, K] over the TP group (stable order)."""
+    if top_v.shape[1] < k:  # a shard narrower than K: -inf candidates keep the TP gather's shapes equal
+        pad = k - top_v.shape[1]
+        top_v = torch.cat([top_v, top_v.new_full((top_v.shape[0], pad), -float("inf"))], -1)
+        top_i = torch.cat([top_i, top_i.new_full((top_i.shape[0], pad), -1)], -1)
+    return topk_of_candidates(top_v, top_i, k, tp_group)[1]
 
 
 def _online_(state: list[torch.Tensor], z: torch.Tensor, extra: torch.Tensor | None = None) -> None:
@@ -140,11 +159,9 @@ def _chunk_forward(
             _online_(st_s, zs, zs - zt if full_kl else None)
             _online_(st_t, zt)
         if topk > 0:
-            src = zs if strategy == "student" else zt
-            vals, idx = tile_topk(src, min(topk, src.shape[1]))
-            cand_v = torch.cat([top_v, vals], -1)
-            cand_i = torch.cat([top_i, idx + vocab_start + sl.start], -1)
-            top_v, top_i = topk_of_candidates(cand_v, cand_i, min(topk, cand_v.shape[1]))
+            top_v, top_i = _merge_topk(
+                top_v, top_i, zs if strategy == "student" else zt, topk, vocab_start + sl.start
+            )
         del zs, zt
     if backend == "triton":
         st_s = [state[0], state[1]] + ([state[2]] if full_kl else [])
@@ -153,13 +170,7 @@ def _chunk_forward(
     lse_t, _ = _combine(st_t, tp_group)
     out: dict[str, Any] = dict(lse_s=lse_s, lse_t=lse_t, ids=None, s=None, t=None, topk_kl=None, full_kl=None)
     if topk > 0:
-        if (
-            top_v.shape[1] < topk
-        ):  # a shard narrower than K: -inf candidates keep the TP gather's shapes equal
-            pad = topk - top_v.shape[1]
-            top_v = torch.cat([top_v, torch.full((c, pad), -float("inf"), device=hs.device)], -1)
-            top_i = torch.cat([top_i, torch.full((c, pad), -1, dtype=torch.long, device=hs.device)], -1)
-        out["ids"] = topk_of_candidates(top_v, top_i, topk, tp_group)[1]
+        out["ids"] = _global_topk(top_v, top_i, topk, tp_group)
     if backend == "triton":  # the kernel gathered the logits at y from its tile; only the K ids remain
         ids = out["ids"] if topk > 0 else torch.empty(c, 0, dtype=torch.long, device=hs.device)
         z_y = tp_sum(state[5:7], tp_group)  # [2, C]: each rank's tile holding y added its logit, the others 0
@@ -385,3 +396,77 @@ def two_model_terms(
         "topk_kl": kl_k if topk > 0 else None,
         "full_kl": kl_f if full_kl else None,
     }
+
+
+@torch.no_grad()
+def model_scores(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ids: torch.Tensor | None = None,
+    topk: int = 0,
+    vocab_start: int = 0,
+    tp_group: dist.ProcessGroup | None = None,
+    impl: str = "auto",
+    chunk_size: int = 1024,
+    tile: int = DEFAULT_TILE,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One model's log p(y) and log p at K ids, over vocabulary tiles: a teacher's scores (``TeacherScores``).
+
+    Why: ``MegatronTeacher.score`` (and the teacher-side cost in ``benchmarks/bench_teacher.py``) needs the
+    teacher's log p at the sampled token and at the student's given top-K ids, or at its own top-K, without a
+    [N, V/tp] block: per tile an online logsumexp (torch, or ``triton_kernels.row_max_sumexp`` with impl
+    'triton'), the running top-K when ``topk`` > 0 and ``ids`` is None, then K + 1 dot products per token.
+
+    Args:
+        hidden [N, H], weight [V/tp, H] (this rank's shard), targets [N] global ids.
+        ids: [N, K] global ids to score (e.g. the student's top-K), or None.
+        topk: with ``ids`` None, score the model's own top-K (ties as ``reference.topk_ids``).
+        impl: 'auto' ('triton' on CUDA), 'chunked' or 'triton'; vocab_size: as ``two_model_terms``.
+    Returns:
+        (log p(y) [N], the ids scored [N, K] or None, log p at them [N, K] or None), fp32, no gradient.
+    """
+    from megatron_opd.loss.adapter import resolve_impl
+
+    impl = resolve_impl(impl, hidden.device)  # type: ignore[arg-type]
+    if impl == "reference":
+        raise ValueError("model_scores is tiled; use impl 'chunked', 'triton' or 'auto'")
+    if ids is not None and (ids.dim() != 2 or ids.shape[0] != hidden.shape[0]):
+        raise ValueError(f"ids [N, K] expected for N = {hidden.shape[0]}, got {tuple(ids.shape)}")
+    real = weight.shape[0] if vocab_size is None else min(max(vocab_size - vocab_start, 0), weight.shape[0])
+    h, w = _operand(hidden), _operand(weight[:real])
+    own = ids is None and topk > 0
+    parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    for sl in chunked.chunks(h.shape[0], chunk_size):
+        c = sl.stop - sl.start
+        state = [torch.full((c,), -float("inf"), device=h.device), torch.zeros(c, device=h.device)]
+        top_v = torch.empty(c, 0, device=h.device)
+        top_i = torch.empty(c, 0, dtype=torch.long, device=h.device)
+        for vt in _tiles(w.shape[0], tile):
+            z = chunked.matmul_nt_fp32(h[sl], w[vt])
+            if impl == "triton":
+                from megatron_opd.loss.triton_kernels import row_max_sumexp
+
+                m_t, l_t = row_max_sumexp(z)
+                m_new = torch.maximum(state[0], m_t)
+                state = [m_new, state[1] * torch.exp(state[0] - m_new) + l_t * torch.exp(m_t - m_new)]
+            else:
+                _online_(state, z)
+            if own:
+                top_v, top_i = _merge_topk(top_v, top_i, z, topk, vocab_start + vt.start)
+            del z
+        lse, _ = _combine(state, tp_group)
+        at = ids[sl] if ids is not None else _global_topk(top_v, top_i, topk, tp_group) if own else None
+        cols = targets[sl].unsqueeze(-1) if at is None else torch.cat([targets[sl].unsqueeze(-1), at], -1)
+        lp = logits_at(h[sl], w, cols, vocab_start, tp_group) - lse.unsqueeze(-1)
+        parts.append((lp[:, 0], at, None if at is None else lp[:, 1:]))
+    if not parts:
+        k = ids.shape[1] if ids is not None else topk
+        empty = torch.empty(0, k, device=hidden.device)
+        return torch.empty(0, device=hidden.device), (empty.long() if k else None), (empty if k else None)
+    logp = torch.cat([p[0] for p in parts])
+    if parts[0][1] is None:
+        return logp, None, None
+    return logp, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])

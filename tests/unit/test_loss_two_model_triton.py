@@ -6,7 +6,8 @@
 2. ``two_model_terms(impl='triton')`` == the reference (impl='reference'), values and gradients, on the odd
    shapes of ``test_loss_two_model`` (N, V not multiples of chunk or tile, odd H, the teacher narrower), both
    top-K strategies, renormalised or not, fp32 and bf16 inputs, several chunk/tile sizes, no tokens.
-3. ``fp8=True``: forward outputs equal the fp32 path's (the logits are not FP8), gradients within the e4m3 bound
+3. ``model_scores(impl='triton')`` (one model's scores over tiles, the Triton logsumexp) == the reference.
+4. ``fp8=True``: forward outputs equal the fp32 path's (the logits are not FP8), gradients within the e4m3 bound
    of ``test_loss_fp8`` and not bit-equal (FP8 did run); refused with impl 'reference'.
 
 Tolerances (fp32 everywhere inside): values and gradients atol 2e-5 / rtol 1e-5 for fp32 inputs, atol 5e-5 for
@@ -23,6 +24,7 @@ import torch
 from megatron_opd.loss import reference, two_model
 from megatron_opd.loss import two_model_triton as tt
 from tests.unit.test_loss_two_model import HS, HT, K, V, _inputs, _run
+from tests.unit.test_loss_two_model import test_model_scores_equal_the_reference as _scores_check
 
 KEYS = ("logp", "teacher_logp", "topk_kl", "full_kl", "gh", "gw")
 
@@ -147,3 +149,8 @@ def test_fp8_is_refused_with_the_reference_impl():
     hs, ws, ht, wt, y, _ = _inputs()
     with pytest.raises(ValueError, match="fp8 is a property of the tiled paths"):
         two_model.two_model_terms(hs, ws, ht, wt, y, impl="reference", fp8=True)
+
+
+@pytest.mark.parametrize("mode", ["given", "own"])
+def test_model_scores_with_triton_equal_the_reference(mode):
+    _scores_check(mode, 4, 6, impl="triton")
