@@ -15,8 +15,10 @@ its gradients on hidden and weight):
 - 2model/naive, 2model/tiled: the teacher inside the trainer (``loss/two_model.py``): student AND teacher hidden
                  states and LM heads (teacher of the same width), the student's own top-16 ids, the top-K KL and
                  the exact full-vocabulary reverse KL (coefficient 0.5 each) and the policy-gradient term.
-                 naive builds both [N, V] logits (impl='reference'); tiled never does. Their "vs naive" column is
-                 relative to 2model/naive.
+                 naive builds both [N, V] logits (impl='reference'); tiled (impl='chunked') and triton (the
+                 kernels of ``loss/two_model_triton.py``, CUDA; ``--interpreted-triton`` adds it on CPU for a
+                 smoke run, timed through Triton's interpreter, so meaningless) never do; 2model/triton+fp8 runs the
+                 student's gradient GEMMs in FP8 (CUDA). Their "vs naive" column is relative to 2model/naive.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus what was allocated before the case (inputs). On
 CPU, torch's allocations are invisible to tracemalloc, so each case runs in its own subprocess and reports
@@ -70,9 +72,11 @@ def _step_two_model(case: str, chunk: int, hidden, weight, targets, adv, mask) -
     h = hidden.detach().requires_grad_(True)
     w = weight.detach().requires_grad_(True)
     t_h, t_w = hidden.roll(1, 0), weight.roll(1, 1)
+    variant = case.removeprefix("2model/")
+    impl = {"naive": "reference", "tiled": "chunked"}.get(variant.split("+")[0], "triton")
     out = two_model.two_model_terms(
-        h, w, t_h, t_w, targets, topk=K, strategy="student", full_kl=True, chunk_size=chunk,
-        impl="reference" if case == "2model/naive" else "chunked",
+        h, w, t_h, t_w, targets, topk=K, strategy="student", full_kl=True, chunk_size=chunk, impl=impl,
+        fp8=variant.endswith("+fp8"),
     )  # fmt: skip
     loss = opd_loss(
         out["logp"].view(1, -1), adv, mask, topk_kl=out["topk_kl"].view(1, -1),
@@ -196,6 +200,11 @@ def main() -> None:
     p.add_argument("--chunk-sizes", type=int, nargs="*", default=[1024, 256])
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default CPU 2, GPU 5)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per case")
+    p.add_argument(
+        "--interpreted-triton",
+        action="store_true",
+        help="CPU: also the 2model/triton case through Triton's interpreter (a smoke run at small shapes)",
+    )
     p.add_argument("--out", help="also write the markdown report here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -219,6 +228,10 @@ def main() -> None:
     if gpu:
         cases += [("triton/terms+fp8", a.chunk_sizes[0]), ("triton/terms+fp8all", a.chunk_sizes[0])]
     cases += [("2model/naive", a.chunk_sizes[0]), ("2model/tiled", a.chunk_sizes[0])]
+    if gpu or a.interpreted_triton:
+        cases += [("2model/triton", a.chunk_sizes[0])]
+    if gpu:
+        cases += [("2model/triton+fp8", a.chunk_sizes[0])]
 
     if gpu:
         device = torch.cuda.get_device_name()

@@ -8,12 +8,21 @@ One run measures, side by side, for each response length T:
 - sglang/token:      ``SGLangScorer.score`` topk=0 (log p of the sampled tokens only; one request per sample);
 - sglang/teacher16:  strategy 'teacher', K = 16 (``top_logprobs_num``);
 - sglang/student16:  strategy 'student', K = 16: the run planner, ``max_ids_per_request`` 256;
-- megatron/student16: ``MegatronTeacher.hidden_rows`` (Megatron forward-only schedule) plus the forward of the fused
-  two-model loss with the student's own top-16 (``loss/two_model.py``). An upper bound of the teacher's cost in
-  the step: that forward also does the student's LM-head GEMM and softmax, which the student's loss needs anyway
-  (subtracting a student-only run was tried: on a shared 2-core box the difference drowned in noise);
+- megatron/teacher:  what the teacher inside the trainer adds to a student-only step, and so the row to hold
+  against SGLang's: ``MegatronTeacher.hidden_rows`` (Megatron forward-only schedule) plus the teacher-side tile
+  pass, ``two_model.model_scores`` (the function behind ``MegatronTeacher.score``'s ``TeacherScores``): the
+  teacher's LM-head GEMM and logsumexp over vocabulary tiles and its log p at the sampled token and at the
+  student's given top-16 ids (the same ids sglang/student16 sends). In the step the fused loss does this work
+  inside its pass over the tiles, interleaved with the student's own, which a student-only step does anyway;
+- megatron/student16: ``hidden_rows`` plus the forward of the fused two-model loss with the student's own top-16
+  (``loss/two_model.py``): an upper bound of the teacher's cost, since that forward also does the student's
+  LM-head GEMM, softmax and top-K;
 - megatron/fullkl:   the same with the exact full-vocabulary reverse KL as well (its backward adds one recompute
   of the teacher's LM-head tiles, not counted here).
+
+Threads: the SGLang server and the Megatron rows run with the same number of torch threads (``--threads``,
+default 1): the server gets ``OMP_NUM_THREADS`` in its environment (its CPU engine binds no cores here, so torch
+takes its intra-op thread count from it), the Megatron worker ``torch.set_num_threads``.
 
 The teacher has Qwen2-1.5B's width and vocabulary (hidden 1,536, 12 heads / 2 KV heads, FFN 8,960, vocab 151,936)
 and 2 layers, made locally with random weights (``rollout/tiny_model.py``), fp32 on CPU. Prompts are 64 tokens;
@@ -23,6 +32,7 @@ calls after one warm-up; requests and bytes (JSON request + response bodies) per
 client. The last line compares the Megatron teacher's student top-16 with SGLang token-only at the largest T.
 
     python benchmarks/bench_teacher.py --out benchmarks/results/<date>-teacher-cpu.md      # T = 256 1024 4096
+    python benchmarks/bench_teacher.py --t 256 --reps 1                                  # a smoke run
 """
 
 from __future__ import annotations
@@ -66,6 +76,11 @@ def zipf_stream(n: int, k: int, vocab: int, seed: int) -> torch.Tensor:
     return out
 
 
+def student_topk(t: int) -> torch.Tensor:
+    """The student's top-16 ids [T, 16] at each response position (the same stream for SGLang and Megatron)."""
+    return zipf_stream(t, K, SHAPE["vocab_size"], seed=t + 2)
+
+
 class CountingClient:
     """An ``SGLangClient`` whose ``map`` counts requests and JSON bytes each way (the bench's only wrapper)."""
 
@@ -92,13 +107,18 @@ def _timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def sglang_rows(model_dir: str, ts: list[int], reps: int) -> dict[tuple[str, int], dict]:
+def sglang_rows(model_dir: str, ts: list[int], reps: int, threads: int) -> dict[tuple[str, int], dict]:
     from megatron_opd.rollout.sglang_client import SGLangClient
     from megatron_opd.rollout.sglang_server import SGLangServer
     from megatron_opd.teacher.sglang_scorer import SGLangScorer
 
     out = {}
-    srv = SGLangServer(model_dir, dtype="float32", max_total_tokens=max(ts) * 2 + 2 * PROMPT + 256)
+    srv = SGLangServer(
+        model_dir,
+        dtype="float32",
+        max_total_tokens=max(ts) * 2 + 2 * PROMPT + 256,
+        env={"OMP_NUM_THREADS": str(threads)},
+    )
     srv.start(timeout_s=900)
     try:
         client = CountingClient(SGLangClient([srv.url], max_concurrency=4, timeout_s=3600, max_retries=0))
@@ -106,7 +126,7 @@ def sglang_rows(model_dir: str, ts: list[int], reps: int) -> dict[tuple[str, int
         for t in ts:
             prompt = zipf_stream(1, PROMPT, SHAPE["vocab_size"], seed=t)[0].tolist()
             resp = zipf_stream(t, 1, SHAPE["vocab_size"], seed=t + 1)[:, 0].tolist()
-            sid = zipf_stream(t, K, SHAPE["vocab_size"], seed=t + 2).tolist()
+            sid = student_topk(t).tolist()
             cases = {
                 "sglang/token": dict(topk=0),
                 "sglang/teacher16": dict(topk=K, strategy="teacher"),
@@ -124,6 +144,15 @@ def sglang_rows(model_dir: str, ts: list[int], reps: int) -> dict[tuple[str, int
 
 
 @torch.no_grad()
+def _teacher_only(teacher, mb, t_w, y, sid) -> None:
+    """Teacher forward (Megatron schedule) + the teacher-side tile pass at the sampled token and the given ids."""
+    from megatron_opd.loss import two_model
+
+    rows = teacher.hidden_rows([mb])[0]
+    two_model.model_scores(rows, t_w, y, ids=sid, impl="chunked", vocab_size=teacher.vocab_size)
+
+
+@torch.no_grad()
 def _with_teacher(teacher, mb, h_s, s_w, t_w, y, full_kl: bool) -> None:
     """Teacher forward (Megatron schedule) + the two-model loss's forward with the student's own top-16."""
     from megatron_opd.loss import two_model
@@ -132,13 +161,13 @@ def _with_teacher(teacher, mb, h_s, s_w, t_w, y, full_kl: bool) -> None:
     two_model.two_model_terms(h_s, s_w, rows, t_w, y, topk=K, full_kl=full_kl, impl="chunked")
 
 
-def _megatron_worker(rank, world, model_dir, ts, reps):
+def _megatron_worker(rank, world, model_dir, ts, reps, threads):
     from megatron_opd.config.tree import ParallelConfig, TeacherConfig
     from megatron_opd.model.builders import model_config_from_hf
     from megatron_opd.parallel.state import initialize_parallel
     from megatron_opd.teacher.megatron import MegatronTeacher, _positions
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     initialize_parallel(ParallelConfig(), seed=0)
     v = SHAPE["vocab_size"]
     teacher = MegatronTeacher.build(
@@ -154,7 +183,9 @@ def _megatron_worker(rank, world, model_dir, ts, reps):
         mb = _positions([prompt], [resp], torch.device("cpu"))
         y = torch.as_tensor(resp)
         h_s = torch.randn(t, SHAPE["hidden_size"], generator=g)
-
+        secs = _timed(partial(_teacher_only, teacher, mb, t_w, y, student_topk(t)), reps)
+        out[("megatron/teacher", t)] = dict(s=secs, requests=0.0, bytes=0.0)
+        print(f"  {'megatron/teacher':18s} T={t:5d}  {secs:8.2f} s")
         for name, full in (("megatron/student16", False), ("megatron/fullkl", True)):
             secs = _timed(partial(_with_teacher, teacher, mb, h_s, s_w, t_w, y, full), reps)
             out[(name, t)] = dict(s=secs, requests=0.0, bytes=0.0)
@@ -170,6 +201,12 @@ def main() -> None:
         "--skip-sglang", action="store_true", help="only the Megatron rows (no SGLang environment)"
     )
     p.add_argument("--skip-megatron", action="store_true", help="only the SGLang rows")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the SGLang server and of the Megatron rows alike",
+    )
     p.add_argument("--out", help="also write the markdown report here")
     a = p.parse_args()
     from megatron_opd.utils.spawn import run_on_ranks
@@ -184,18 +221,23 @@ def main() -> None:
             json.dump(hf_cfg, f)
         if not a.skip_megatron:
             print("Megatron teacher:")
-            rows.update(run_on_ranks(_megatron_worker, 1, model_dir, a.t, a.reps, timeout_s=7200)[0])
+            rows.update(
+                run_on_ranks(_megatron_worker, 1, model_dir, a.t, a.reps, a.threads, timeout_s=7200)[0]
+            )
         if not a.skip_sglang:
             print("SGLang teacher server:")
-            rows.update(sglang_rows(model_dir, a.t, a.reps))
+            rows.update(sglang_rows(model_dir, a.t, a.reps, a.threads))
     names = [n for n in ("sglang/token", "sglang/teacher16", "sglang/student16") if not a.skip_sglang]
-    names += [] if a.skip_megatron else ["megatron/student16", "megatron/fullkl"]
+    names += [] if a.skip_megatron else ["megatron/teacher", "megatron/student16", "megatron/fullkl"]
     load = os.getloadavg()[0]
     lines = [
         f"# bench_teacher.py, {datetime.date.today().isoformat()}, CPU ({os.cpu_count()} logical CPUs, load "
-        f"{load:.1f} at the end: times are indicative when the load exceeds the CPU count)\n",
+        f"{load:.1f} at the end: times are indicative when the load exceeds the CPU count), {a.threads} torch "
+        "thread(s) for the SGLang server and the Megatron rows alike\n",
         "Teacher: Qwen2-1.5B width and vocabulary, 2 layers, fp32. Per sample: prompt 64 tokens, one response of "
-        "T tokens. Megatron rows: teacher forward + the two-model loss forward, an upper bound (module doc).\n",
+        "T tokens. megatron/teacher: teacher forward + its tile pass at the sampled token and the student's "
+        "top-16 ids (what the teacher adds to the step); megatron/student16 and /fullkl: teacher forward + the "
+        "two-model loss forward, an upper bound (module doc).\n",
         "| case | T | s / sample | vs sglang/token | requests / sample | bytes / sample |",
         "|---|---|---|---|---|---|",
     ]
@@ -209,10 +251,16 @@ def main() -> None:
             )
     tmax = max(a.t)
     if not (a.skip_sglang or a.skip_megatron):
-        ratio = rows[("megatron/student16", tmax)]["s"] / rows[("sglang/token", tmax)]["s"]
+        tok = rows[("sglang/token", tmax)]["s"]
+        own, upper = (
+            rows[("megatron/teacher", tmax)]["s"] / tok,
+            rows[("megatron/student16", tmax)]["s"] / tok,
+        )
         lines.append(
-            f"\nteacher: Megatron student top-16 / SGLang token-only at T = {tmax:,}: {ratio:.2f}x seconds, 0 HTTP bytes "
-            f"(SGLang student top-16: {rows[('sglang/student16', tmax)]['requests']:.0f} requests per sample)"
+            f"\nteacher: Megatron teacher with student top-16 / SGLang token-only at T = {tmax:,}: {own:.2f}x seconds "
+            f"(the teacher's own cost in the step; upper bound with the student's loss forward: {upper:.2f}x), "
+            f"0 HTTP bytes (SGLang student top-16: {rows[('sglang/student16', tmax)]['requests']:.0f} requests "
+            "per sample)"
         )
     text = "\n".join(lines) + "\n"
     print(text)

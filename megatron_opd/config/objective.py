@@ -100,7 +100,8 @@ class LossConfig:
     chunk_size: int = 1024
     """Tokens per chunk in the chunked and fused paths."""
     fp8_lm_head: bool = False
-    """Run the LM-head gradient GEMMs of the chunked/triton path in FP8 (Hopper GPUs; adapter ``fp8=True``).
+    """Run the LM-head gradient GEMMs of the chunked/triton path in FP8 (Hopper GPUs; adapter ``fp8=True``;
+    with teacher.backend 'megatron' the student's gradient GEMMs of loss/two_model.py, the teacher has none).
     The logits stay bf16-in/fp32-out, so log p and the loss keep full accuracy (see loss/fp8.py)."""
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import requests
 
@@ -74,7 +74,9 @@ class SGLangServer:
     """One ``sglang.launch_server`` process. Use as a context manager, or ``start()`` / ``stop()``.
 
     The server runs under a small guard process that kills it (and its scheduler/detokenizer children) when the
-    process that called ``start()`` dies, even by SIGKILL.
+    process that called ``start()`` dies, even by SIGKILL. ``env``: variables set in the server's environment over
+    the inherited ones (e.g. ``OMP_NUM_THREADS``, the server's torch thread count on CPU, for a comparison that
+    gives both sides the same threads).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class SGLangServer:
         extra_args: Sequence[str] = (),
         python: str | None = None,
         log_path: str | None = None,
+        env: Mapping[str, str] | None = None,
     ):
         self.python = python or default_sglang_python()
         if self.python is None:
@@ -104,6 +107,7 @@ class SGLangServer:
         self.skip_tokenizer_init = skip_tokenizer_init
         self.extra_args = list(extra_args)
         self.log_path = log_path
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -127,6 +131,7 @@ class SGLangServer:
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(p for p in (STUBS_DIR, env.get("PYTHONPATH", "")) if p)
+        env.update(self.env)
         return env
 
     def start(self, timeout_s: float = 300.0) -> SGLangServer:

@@ -37,8 +37,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_opd.config.tree import ModelConfig, TeacherConfig
-from megatron_opd.loss import reference
-from megatron_opd.loss.two_model import PAD_LOGIT
+from megatron_opd.loss.two_model import model_scores
 from megatron_opd.model.builders import (
     build_model_chunks,
     hidden_states_only,
@@ -232,8 +231,8 @@ class MegatronTeacher:
     ) -> TeacherScores:
         """``TeacherScorer.score``, COLLECTIVE (module doc); every rank returns the same ``TeacherScores``.
 
-        Logits exist for ``logits_block`` positions at a time, [block, V/tp] fp32, from the kept hidden rows; the
-        math is ``loss/reference.py``'s (as the embedded scorer's).
+        The kept hidden rows are scored ``logits_block`` positions at a time over vocabulary tiles
+        (``two_model.model_scores``, checked against ``loss/reference.py``).
         """
         check_score_request(prompt_ids, response_ids, topk, strategy, student_topk_ids)
         dev = self.device or torch.device("cpu")
@@ -281,23 +280,16 @@ class MegatronTeacher:
         return TeacherScores(logprobs=lps, topk_ids=tk_ids, topk_logprobs=tk_lps)
 
     def _score_rows(self, h, weight, vocab_start, targets, topk, strategy, given, block):
-        lp: list[float] = []
-        ids_out: list[list[int]] = []
-        tlp: list[list[float]] = []
-        pad = (vocab_start + torch.arange(weight.shape[0], device=h.device)) >= self.vocab_size
-        for s in range(0, h.shape[0], block):
-            logits = torch.mm(h[s : s + block].float(), weight.float().t()).masked_fill(pad, PAD_LOGIT)
-            lp += reference.token_logprobs(
-                logits, targets[s : s + block], vocab_start, self.tp_group
-            ).tolist()
-            if topk > 0:
-                if strategy == "teacher":
-                    ids = reference.topk_ids(logits, topk, vocab_start, self.tp_group)
-                else:
-                    ids = given[s : s + block]
-                ids_out += ids.tolist()
-                tlp += reference.logprobs_at(logits, ids, vocab_start, self.tp_group).tolist()
-        return lp, ids_out, tlp
+        """(log p(y) list, top-K ids lists, log p at them lists) for one micro-batch's rows h [N, H_t], over
+        vocabulary tiles (``two_model.model_scores``: no [N, V/tp] block)."""
+        lp, ids, tlp = model_scores(
+            h, weight, targets, ids=given if topk > 0 and strategy == "student" else None,
+            topk=topk if strategy == "teacher" else 0, vocab_start=vocab_start, tp_group=self.tp_group,
+            chunk_size=block, vocab_size=self.vocab_size,
+        )  # fmt: skip
+        if topk == 0 or ids is None:
+            return lp.tolist(), [], []
+        return lp.tolist(), ids.tolist(), tlp.tolist()
 
 
 def _no_loss(output: torch.Tensor):

@@ -302,6 +302,7 @@ class TrainStep:
             impl=cfg.impl,
             chunk_size=cfg.chunk_size,
             vocab_size=self.vocab_size,
+            fp8=cfg.fp8_lm_head,
         )
 
     # ------------------------------------------------------------------------------------------------

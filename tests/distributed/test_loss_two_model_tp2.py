@@ -1,9 +1,11 @@
-"""The two-model loss terms at TP=2 (gloo, vocabulary split 19 + 18 rows) equal TP=1, for both impls.
+"""The two-model loss terms at TP=2 (gloo, vocabulary split 19 + 18 rows) equal TP=1, for every impl (Triton
+through its interpreter on CPU).
 
 Each rank holds its shard of both LM heads (the same ids) and the replicated hidden states of both models (the
 student's wrapped in ``copy_to_tp_region`` so its gradient is summed over the group). Compared with the
 single-process reference: log p_S(y), log p_T(y), the top-K ids (student and teacher strategies), the top-K and
-full-vocabulary reverse KL, the student's hidden gradient and each rank's weight-gradient shard. Tolerance: fp32,
+full-vocabulary reverse KL, the student's hidden gradient and each rank's weight-gradient shard; and one model's
+scores (``model_scores``: log p(y), its own top-K and log p at them) with rank 1 holding padding rows only. Tolerance: fp32,
 atol 2e-5 / rtol 1e-5 (summation order differs across shards, chunks and tiles).
 """
 
@@ -21,6 +23,7 @@ N, HS, HT, V, K = 11, 9, 7, 37, 5
 SPLIT = [0, 19, V]
 TOL = dict(atol=2e-5, rtol=1e-5)
 REAL = 17  # with vocab_size=REAL, rows 17..36 are embedding padding: rank 1 holds padding only
+IMPLS = ("reference", "chunked", "triton")
 KEYS = ("logp", "teacher_logp", "topk_kl", "full_kl", "gh", "gw")
 
 
@@ -56,12 +59,23 @@ def _worker(rank, world):
     lo, hi = SPLIT[rank], SPLIT[rank + 1]
     out = {
         f"{impl}/{s}": _terms(impl, s, lo, hi, dist.group.WORLD)
-        for impl in ("reference", "chunked")
+        for impl in IMPLS
         for s in ("student", "teacher")
     }
-    for impl in ("reference", "chunked"):
+    for impl in IMPLS:
         out[f"pad/{impl}"] = _terms(impl, "student", lo, hi, dist.group.WORLD, vocab_size=REAL)
+    for impl in ("chunked", "triton"):
+        out[f"scores/{impl}"] = _scores(impl, lo, hi, dist.group.WORLD)
     return out
+
+
+def _scores(impl, lo, hi, tp_group):
+    """The teacher's own top-K scores (``two_model.model_scores``) from its shard, padding rows past REAL."""
+    _, _, ht, wt, y, _ = _inputs()
+    return two_model.model_scores(
+        ht, wt[lo:hi], y % REAL, topk=K, vocab_start=lo, tp_group=tp_group, impl=impl, chunk_size=4, tile=6,
+        vocab_size=REAL,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +83,7 @@ def tp2():
     return run_on_ranks(_worker, 2)
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("strategy", ["student", "teacher"])
 def test_two_model_terms_tp2_equal_tp1(impl, strategy, tp2):
     tp1 = _terms("reference", strategy, 0, V, None)
@@ -82,7 +96,7 @@ def test_two_model_terms_tp2_equal_tp1(impl, strategy, tp2):
             torch.testing.assert_close(got[key], ref, **TOL, msg=f"{impl}/{strategy} {key} rank {rank}")
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_padding_rows_stay_out_of_the_softmax_even_on_a_padding_only_rank(impl, tp2):
     tp1 = _terms("reference", "student", 0, REAL, None, vocab_size=REAL)  # the unpadded vocabulary
     for rank, res in enumerate(tp2):
@@ -96,3 +110,13 @@ def test_padding_rows_stay_out_of_the_softmax_even_on_a_padding_only_rank(impl, 
             else:
                 ref = tp1[key]
             torch.testing.assert_close(got[key], ref, **TOL, msg=f"pad {impl} {key} rank {rank}")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_model_scores_tp2_equal_tp1(impl, tp2):
+    tp1 = _scores("chunked", 0, V, None)
+    for rank, res in enumerate(tp2):
+        got = res[f"scores/{impl}"]
+        assert torch.equal(got[1], tp1[1]), f"rank {rank}"
+        torch.testing.assert_close(got[0], tp1[0], **TOL, msg=f"{impl} logp rank {rank}")
+        torch.testing.assert_close(got[2], tp1[2], **TOL, msg=f"{impl} top-K logp rank {rank}")

@@ -5,6 +5,7 @@
   are then found inside the fused loss instead of by the rollout engine. Tolerance rel 1e-4: the two teachers
   are different implementations of one network (fp32; see tests/distributed/test_teacher_megatron.py).
 - With the exact full-vocabulary KL (``--loss.full_kl_coef``) the run reports it and it is positive.
+- ``--loss.fp8_lm_head true`` reaches the two-model loss: the same first step, different later steps.
 - TP=2 x PP=2 (4 gloo ranks, the student's layout for both models) equals one process: the first step's loss to
   rel 1e-4 (sharded reductions change the summation order), later steps to rel 2e-2 (Adam amplifies the
   first step's rounding, as in tests/e2e/test_train_loop.py), and every rank reports the same metrics.
@@ -58,6 +59,7 @@ def _single_worker(rank, world, d):
         "embedded": train(_argv(d, "--loss.impl", "reference"))["steps"],
         "megatron": train(_argv(d, "--teacher.backend", "megatron", "--loss.impl", "reference"))["steps"],
         "full_kl": train(_argv(d, *FULL_KL))["steps"],
+        "fp8": train(_argv(d, *FULL_KL, "--loss.fp8_lm_head", "true"))["steps"],
     }
 
 
@@ -87,6 +89,16 @@ def test_full_vocabulary_kl_is_reported_and_positive(single):
     assert len(steps) == 3
     assert all(s["train/full_kl_mean"] > 0 for s in steps)
     assert "train/full_kl_mean" not in single["megatron"][0]
+
+
+def test_fp8_lm_head_reaches_the_two_model_loss(single):
+    """``loss.fp8_lm_head`` with the Megatron teacher: the first step's forward is the fp32 one (FP8 only in the
+    student's gradient GEMMs), and the FP8 gradients then move the weights elsewhere (later steps differ)."""
+    fp8, ref = single["fp8"], single["full_kl"]
+    for key in ("train/loss", "train/full_kl_mean", "train/log_ratio_mean"):
+        assert fp8[0][key] == pytest.approx(ref[0][key], rel=1e-6, abs=1e-7), key
+    assert fp8[1]["train/loss"] != ref[1]["train/loss"]  # CPU runs are deterministic: only FP8 can change it
+    assert all(s["train/loss"] == s["train/loss"] for s in fp8)  # finite
 
 
 def test_tp2_pp2_with_the_megatron_teacher_matches_one_process(tiny_pair, single):

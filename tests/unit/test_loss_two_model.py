@@ -147,3 +147,39 @@ def test_no_tokens_gives_empty_terms_and_zero_gradients(impl):
     assert out["logp"].shape == (0,) and out["full_kl"].shape == (0,)
     (out["logp"].sum() + out["topk_kl"].sum() + out["full_kl"].sum()).backward()
     assert float(w.grad.abs().sum()) == 0.0
+
+
+def _scores_ref(h, w, y, ids, k, real=V):
+    z = (h.float() @ w.float().t())[:, :real]
+    at = ids if ids is not None else (reference.topk_ids(z, k) if k else None)
+    return reference.token_logprobs(z, y), at, None if at is None else reference.logprobs_at(z, at)
+
+
+@pytest.mark.parametrize("mode", ["given", "own", "token"])
+@pytest.mark.parametrize("chunk,tile", [(4, 6), (13, 37), (1, 1)])
+def test_model_scores_equal_the_reference(mode, chunk, tile, impl="chunked"):
+    """``model_scores`` (a teacher's scores over tiles) == log p from the full logits; tolerance as above (fp32)."""
+    hs, ws, ht, wt, y, _ = _inputs()
+    given = (
+        torch.randint(0, V, (N, K), generator=torch.Generator().manual_seed(7)) if mode == "given" else None
+    )
+    k = K if mode == "own" else 0
+    got = two_model.model_scores(ht, wt, y, ids=given, topk=k, impl=impl, chunk_size=chunk, tile=tile)
+    want = _scores_ref(ht, wt, y, given, k)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    if mode == "token":
+        assert got[1] is None and got[2] is None
+    else:
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-5)
+
+
+def test_model_scores_leave_padding_rows_out():
+    hs, ws, ht, wt, y, _ = _inputs()
+    real = 30
+    y = y % real
+    got = two_model.model_scores(ht, wt, y, topk=K, impl="chunked", tile=8, vocab_size=real)
+    want = _scores_ref(ht, wt, y, None, K, real=real)
+    assert torch.equal(got[1], want[1]) and int(got[1].max()) < real
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-5)

@@ -75,3 +75,18 @@ def test_stop_still_ends_the_server_and_its_children():
     assert srv.proc.returncode is not None
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive
+
+
+def test_env_reaches_the_server_process():
+    """``env`` overrides the inherited environment of the launched process (bench_teacher's ``--threads``)."""
+    srv = StandIn("no-model", python=sys.executable, env={"OMP_NUM_THREADS": "3", "OPD_TEST_MARK": "x"})
+    assert srv.environment()["OMP_NUM_THREADS"] == "3"
+    srv.start(timeout_s=120)
+    try:
+        procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+        envs = [p.environ() for p in procs]
+    finally:
+        srv.stop()
+    assert len(envs) >= 2 and all(
+        e.get("OMP_NUM_THREADS") == "3" and e.get("OPD_TEST_MARK") == "x" for e in envs
+    )
