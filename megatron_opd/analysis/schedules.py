@@ -68,6 +68,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "early": {"student_shortcut_rate": 0.95},
     # errs late: always the right format, but sloppy carries inside the trace (positions 13, 22, 31, ...).
     "late": {"student_shortcut_rate": 0.0, "student_carry_drop_rate": 0.5},
+    # errs only at its first token, the case the paper's TOPD targets: shipped's format mix, but the bare-answer
+    # targets train only their first token ("="), so the student prefers the bare sum while its traces stay the
+    # teacher's (shipped's student also learns to guess sums after "=", which corrupts its traces' answers).
+    "first": {"student_shortcut_loss_tokens": 1},
 }
 
 
