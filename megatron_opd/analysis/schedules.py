@@ -256,6 +256,70 @@ def markdown_table(rows: Sequence[Row], paper: dict[str, str] | None = None, fra
     return "\n".join(lines)
 
 
+# results.json: {"groups": {group: {"measured": {...}, "runs": [Curve.to_dict(), ...]}}}, one entry per group
+# (a toy variant's schedules, or an estimator ablation), each with how it was measured.
+
+
+def load_results(path: str) -> dict[str, dict[str, Any]]:
+    """The groups of a ``tools/compare_schedules.py`` results file (empty when there is none). The older
+    one-invocation layout ``{"args": ..., "runs": [...]}`` is read as groups sharing that invocation's settings,
+    with the date, command and duration unknown (``None``)."""
+    if not os.path.exists(path):
+        return {}
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "groups" in data:
+        return data["groups"]
+    if "runs" not in data:
+        raise ValueError(f"{path}: not a compare_schedules results file (neither 'groups' nor 'runs')")
+    args = data.get("args", {})
+    groups: dict[str, dict[str, Any]] = {}
+    for run in data["runs"]:
+        group = groups.setdefault(run["group"], {"measured": {}, "runs": []})
+        group["runs"].append({k: v for k, v in run.items() if k != "group"})
+    for group in groups.values():
+        group["measured"] = {
+            "date": None,
+            "command": None,
+            "runs": len(group["runs"]),
+            "jobs": args.get("jobs"),
+            "seconds": None,
+            "seeds": args.get("seeds"),
+            "steps": args.get("steps"),
+            "eval_every": args.get("eval_every"),
+            "eval_problems": args.get("eval_problems"),
+        }
+    return groups
+
+
+def merge_results(
+    old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], variants: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """``old``'s groups with ``new``'s added or put in their place (a rerun group replaces the whole group).
+    Ordered for the page: the toy variants (``toy <name>``) in the order of ``variants``, then the other groups
+    (estimator ablations, unknown variants) in their order of first appearance."""
+    merged = {**old, **new}
+    rank = {f"toy {v}": i for i, v in enumerate(variants)}
+    order = list(dict.fromkeys([*old, *new]))
+    return {g: merged[g] for g in sorted(order, key=lambda g: (rank.get(g, len(rank)), order.index(g)))}
+
+
+def measured_line(measured: dict[str, Any]) -> str:
+    """How a group was measured, one line for the page: date, command, runs, parallel jobs, protocol."""
+    m = measured
+    date = m.get("date") or "(date not recorded)"
+    command = "`tools/compare_schedules.py" + (f" {m['command']}" if m.get("command") else "") + "`"
+    took = f", {m['seconds']:.0f} s for the whole command" if m.get("seconds") is not None else ""
+    seeds = ", ".join(map(str, m.get("seeds") or [])) or "?"
+    return (
+        f"Measured {date} by {command} ({m.get('runs')} runs, {m.get('jobs')} at a time{took}): seeds {seeds}; "
+        f"{m.get('steps')} steps; avg@4 on {m.get('eval_problems')} held-out problems every {m.get('eval_every')} "
+        "steps."
+    )
+
+
 def write_marked_region(path: str, text: str, tag: str) -> None:
     """Put ``text`` between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in the markdown file ``path``
     (appended with the markers the first time), leaving the hand-written rest of the file as it is."""
