@@ -198,7 +198,9 @@ def _write(args: argparse.Namespace, new: dict[str, dict]) -> None:
     path = os.path.join(args.out_dir, "results.json")
     groups = S.merge_results(S.load_results(path), new, variants=list(S.VARIANTS))
     if not groups:
-        raise SystemExit(f"nothing to write: no results in {path} and none measured (run without --render-only)")
+        raise SystemExit(
+            f"nothing to write: no results in {path} and none measured (run without --render-only)"
+        )
     os.makedirs(args.out_dir, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"groups": groups}, f, indent=1)
