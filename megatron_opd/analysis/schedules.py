@@ -62,15 +62,17 @@ ESTIMATORS: dict[str, list[str]] = {
 
 # Toy-task variants (megatron_opd.toy.models.ToyRecipe overrides): where the student's mistakes sit.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # as shipped: the student mostly answers with a bare sum (format choice at token 0), else reasons correctly.
+    # as shipped: the student mostly answers with a bare sum (format choice at token 0); learning to guess sums
+    # after "=" also blurs its traces' answers (forced to start a trace, sampled: 0.72 against the teacher's 0.96).
     "shipped": {},
-    # errs only at the start: almost always the bare-sum format, nothing else wrong in its traces.
+    # errs at the start and beyond: almost always the bare-sum format, and its rare traces are rarely sound
+    # (forced to start a trace, sampled: 0.25).
     "early": {"student_shortcut_rate": 0.95},
     # errs late: always the right format, but sloppy carries inside the trace (positions 13, 22, 31, ...).
     "late": {"student_shortcut_rate": 0.0, "student_carry_drop_rate": 0.5},
     # errs only at its first token, the case the paper's TOPD targets: shipped's format mix, but the bare-answer
-    # targets train only their first token ("="), so the student prefers the bare sum while its traces stay the
-    # teacher's (shipped's student also learns to guess sums after "=", which corrupts its traces' answers).
+    # targets train only their first token ("="), so the student prefers the bare sum (0.81 of samples) while
+    # its traces stay the teacher's (forced to start a trace, sampled: 0.91).
     "first": {"student_shortcut_loss_tokens": 1},
 }
 
