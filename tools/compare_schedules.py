@@ -9,7 +9,12 @@ Every run is the CPU main job (examples/configs/cpu_toy.yaml) with one schedule'
 protocol (avg@4 at temperature 1 on the held-out problems, every --eval-every steps, evaluation time excluded
 from the training clock) and the same seeds. ``--jobs 2`` runs two single-threaded runs at once (one per core of
 a 2-core machine; leave the machine otherwise idle, or the times are not comparable). The table, the plots and
-the raw curves go to --out-dir, and the tables replace the marked region of --doc.
+the raw curves go to --out-dir. Results merge by group (a toy variant's schedules, an estimator ablation):
+--out-dir/results.json keeps the groups not rerun, and the marked region of --doc is regenerated from all of them,
+each group headed by when and how it was measured; a group's plot is redrawn only when it is rerun.
+
+  python tools/compare_schedules.py --variants early late first --jobs 2   # adds/replaces those three groups
+  python tools/compare_schedules.py --render-only                          # the page again from results.json
 """
 
 from __future__ import annotations
@@ -99,7 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CI size: a tiny toy recipe, 1 seed, a few steps")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "cpu_schedules"))
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "cpu_schedules.md"))
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: regenerate the marked region of --doc from --out-dir/results.json",
+    )
     args = p.parse_args(argv)
+    if args.render_only:
+        _write(args, {})
+        return
+    command = _command(args, p)
 
     from megatron_opd.toy.models import ToyRecipe, make_toy_models
 
@@ -140,27 +154,62 @@ def main(argv: list[str] | None = None) -> None:
     else:
         results = [_run(job) for job in jobs]
 
-    by_group: dict[str, dict[str, list[S.Curve]]] = {}
+    took = time.perf_counter() - t0
+    new: dict[str, dict] = {}
     for r in results:
-        curve = S.Curve(**{k: v for k, v in r.items() if k != "group"})
-        by_group.setdefault(r["group"], {}).setdefault(curve.name, []).append(curve)
-    means = {g: {n: S.mean_curve(cs) for n, cs in named.items()} for g, named in by_group.items()}
-
+        group = new.setdefault(r["group"], {"measured": {}, "runs": []})
+        group["runs"].append({k: v for k, v in r.items() if k != "group"})
+    for group in new.values():
+        group["measured"] = {
+            "date": str(datetime.date.today()),
+            "command": command,
+            "runs": len(group["runs"]),
+            "jobs": args.jobs,
+            "seconds": round(took),
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "eval_every": args.eval_every,
+            "eval_problems": args.eval_problems,
+        }
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as f:
-        # paths relative to the repository, so the results read the same on any machine
-        meta = {k: os.path.relpath(v, ROOT) if k in ("out_dir", "doc") else v for k, v in vars(args).items()}
-        json.dump({"args": meta, "runs": results}, f, indent=1)
-    plots = _plot(means, args.out_dir)
+    plots = _plot(_means(new), args.out_dir)
+    _write(args, new)
+    print(f"plots: {', '.join(plots)}", file=sys.stderr)
+
+
+def _means(groups: dict[str, dict]) -> dict[str, dict]:
+    """group -> schedule -> its curve averaged over seeds."""
+    from megatron_opd.analysis import schedules as S
+
+    out: dict[str, dict] = {}
+    for group, entry in groups.items():
+        named: dict[str, list] = {}
+        for run in entry["runs"]:
+            named.setdefault(run["name"], []).append(S.Curve(**run))
+        out[group] = {n: S.mean_curve(cs) for n, cs in named.items()}
+    return out
+
+
+def _write(args: argparse.Namespace, new: dict[str, dict]) -> None:
+    """Merge ``new``'s groups into --out-dir/results.json (groups not rerun are kept) and regenerate the marked
+    region of --doc from all of them."""
+    from megatron_opd.analysis import schedules as S
+
+    path = os.path.join(args.out_dir, "results.json")
+    groups = S.merge_results(S.load_results(path), new, variants=list(S.VARIANTS))
+    if not groups:
+        raise SystemExit(
+            f"nothing to write: no results in {path} and none measured (run without --render-only)"
+        )
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"groups": groups}, f, indent=1)
 
     sections = [
-        f"Measured {datetime.date.today()} by `tools/compare_schedules.py{' --quick' if args.quick else ''}` "
-        f"({len(jobs)} runs, {args.jobs} at a time, {time.perf_counter() - t0:.0f} s): seeds "
-        f"{', '.join(map(str, args.seeds))}; {args.steps} steps; avg@4 on {args.eval_problems} held-out problems "
-        f"every {args.eval_every} steps; time = training seconds (rollout + teacher + train + sync), evaluation "
-        "excluded."
+        "Time = training seconds (rollout + teacher + train + sync), evaluation excluded. Each group is measured "
+        "by its own command (rerunning some groups keeps the others); its first line says when and how."
     ]
-    for group, curves in means.items():
+    for group, curves in _means(groups).items():
         ref = next((r for r in ("OPD", "policy gradient only") if r in curves), next(iter(curves)))
         rows = S.compare(curves, reference=ref)
         paper = S.PAPER_TIME_RATIO if group.startswith("toy") else None
@@ -170,11 +219,29 @@ def main(argv: list[str] | None = None) -> None:
             .replace("OPD's final", f"{ref}'s final")
             .replace("vs OPD", f"vs {ref}")
         )
-        sections.append(f"### {group}\n\n{table}\n\n![{group}]({rel})")
+        line = S.measured_line(groups[group]["measured"])
+        sections.append(f"### {group}\n\n{line}\n\n{table}\n\n![{group}]({rel})")
     text = "\n\n".join(sections)
     S.write_marked_region(args.doc, text, "compare_schedules")
     print(text)
-    print(f"plots: {', '.join(plots)}", file=sys.stderr)
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The measurement's options as given (those away from their defaults; no paths), for the page."""
+    parts = []
+    for key in ("variants", "schedules", "seeds", "steps", "eval_every", "eval_problems", "ablation", "jobs",
+                "quick"):  # fmt: skip
+        value = getattr(args, key)
+        if value == parser.get_default(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts.append(" ".join([flag, *(f'"{v}"' if " " in str(v) else str(v) for v in value)]))
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,18 @@ ESTIMATORS: dict[str, list[str]] = {
 
 # Toy-task variants (megatron_opd.toy.models.ToyRecipe overrides): where the student's mistakes sit.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # as shipped: the student mostly answers with a bare sum (format choice at token 0), else reasons correctly.
+    # as shipped: the student mostly answers with a bare sum (format choice at token 0); learning to guess sums
+    # after "=" also blurs its traces' answers (forced to start a trace, sampled: 0.72 against the teacher's 0.96).
     "shipped": {},
-    # errs only at the start: almost always the bare-sum format, nothing else wrong in its traces.
+    # errs at the start and beyond: almost always the bare-sum format, and its rare traces are rarely sound
+    # (forced to start a trace, sampled: 0.25).
     "early": {"student_shortcut_rate": 0.95},
     # errs late: always the right format, but sloppy carries inside the trace (positions 13, 22, 31, ...).
     "late": {"student_shortcut_rate": 0.0, "student_carry_drop_rate": 0.5},
+    # errs only at its first token, the case the paper's TOPD targets: shipped's format mix, but the bare-answer
+    # targets train only their first token ("="), so the student prefers the bare sum (0.81 of samples) while
+    # its traces stay the teacher's (forced to start a trace, sampled: 0.91).
+    "first": {"student_shortcut_loss_tokens": 1},
 }
 
 
@@ -250,6 +256,70 @@ def markdown_table(rows: Sequence[Row], paper: dict[str, str] | None = None, fra
             line += f" {paper.get(r.name, '-')} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+# results.json: {"groups": {group: {"measured": {...}, "runs": [Curve.to_dict(), ...]}}}, one entry per group
+# (a toy variant's schedules, or an estimator ablation), each with how it was measured.
+
+
+def load_results(path: str) -> dict[str, dict[str, Any]]:
+    """The groups of a ``tools/compare_schedules.py`` results file (empty when there is none). The older
+    one-invocation layout ``{"args": ..., "runs": [...]}`` is read as groups sharing that invocation's settings,
+    with the date, command and duration unknown (``None``)."""
+    if not os.path.exists(path):
+        return {}
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "groups" in data:
+        return data["groups"]
+    if "runs" not in data:
+        raise ValueError(f"{path}: not a compare_schedules results file (neither 'groups' nor 'runs')")
+    args = data.get("args", {})
+    groups: dict[str, dict[str, Any]] = {}
+    for run in data["runs"]:
+        group = groups.setdefault(run["group"], {"measured": {}, "runs": []})
+        group["runs"].append({k: v for k, v in run.items() if k != "group"})
+    for group in groups.values():
+        group["measured"] = {
+            "date": None,
+            "command": None,
+            "runs": len(group["runs"]),
+            "jobs": args.get("jobs"),
+            "seconds": None,
+            "seeds": args.get("seeds"),
+            "steps": args.get("steps"),
+            "eval_every": args.get("eval_every"),
+            "eval_problems": args.get("eval_problems"),
+        }
+    return groups
+
+
+def merge_results(
+    old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], variants: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """``old``'s groups with ``new``'s added or put in their place (a rerun group replaces the whole group).
+    Ordered for the page: the toy variants (``toy <name>``) in the order of ``variants``, then the other groups
+    (estimator ablations, unknown variants) in their order of first appearance."""
+    merged = {**old, **new}
+    rank = {f"toy {v}": i for i, v in enumerate(variants)}
+    order = list(dict.fromkeys([*old, *new]))
+    return {g: merged[g] for g in sorted(order, key=lambda g: (rank.get(g, len(rank)), order.index(g)))}
+
+
+def measured_line(measured: dict[str, Any]) -> str:
+    """How a group was measured, one line for the page: date, command, runs, parallel jobs, protocol."""
+    m = measured
+    date = m.get("date") or "(date not recorded)"
+    command = "`tools/compare_schedules.py" + (f" {m['command']}" if m.get("command") else "") + "`"
+    took = f", {m['seconds']:.0f} s for the whole command" if m.get("seconds") is not None else ""
+    seeds = ", ".join(map(str, m.get("seeds") or [])) or "?"
+    return (
+        f"Measured {date} by {command} ({m.get('runs')} runs, {m.get('jobs')} at a time{took}): seeds {seeds}; "
+        f"{m.get('steps')} steps; avg@4 on {m.get('eval_problems')} held-out problems every {m.get('eval_every')} "
+        "steps."
+    )
 
 
 def write_marked_region(path: str, text: str, tag: str) -> None:

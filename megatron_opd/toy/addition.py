@@ -29,6 +29,8 @@ STEP_END = ";"
 ANSWER_MARK = "="
 MAX_DIGITS = 10
 _LOWER, _UPPER = string.ascii_lowercase[:MAX_DIGITS], string.ascii_uppercase[:MAX_DIGITS]
+TRACE_START = _LOWER[0]
+"""The step-by-step trace's first character (the units place letter), whatever the width."""
 
 
 def alphabet(digits: int) -> str:

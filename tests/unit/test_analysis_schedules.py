@@ -10,6 +10,8 @@ from megatron_opd.analysis.schedules import (
     curve_from_history,
     markdown_table,
     mean_curve,
+    measured_line,
+    merge_results,
     time_to_reach,
     write_marked_region,
 )
@@ -70,3 +72,29 @@ def test_marked_region_is_replaced_not_appended(tmp_path):
     text = doc.read_text()
     assert text.count("<!-- cmp:begin -->") == 1 and "table v1" not in text and "table v2" in text
     assert text.startswith("# Title\n\nintro\n") and text.rstrip().endswith("after")
+
+
+def test_merge_keeps_groups_not_rerun_replaces_rerun_ones_and_orders_variants():
+    old = {
+        "toy shipped": {"measured": {"date": "d1"}, "runs": ["shipped v1"]},
+        "estimators (shipped, POPD)": {"measured": {"date": "d1"}, "runs": ["est"]},
+        "toy late": {"measured": {"date": "d0"}, "runs": ["late v1"]},
+    }
+    new = {
+        "toy first": {"measured": {"date": "d2"}, "runs": ["first"]},
+        "toy late": {"measured": {"date": "d2"}, "runs": ["late v2"]},
+    }
+    merged = merge_results(old, new, variants=["shipped", "early", "late", "first"])
+    assert list(merged) == ["toy shipped", "toy late", "toy first", "estimators (shipped, POPD)"]
+    assert merged["toy late"] == new["toy late"] and merged["toy shipped"] == old["toy shipped"]
+    assert old["toy late"]["runs"] == ["late v1"]  # the inputs are left alone
+
+
+def test_measured_line_says_when_and_how():
+    m = {"date": "2026-12-01", "command": "--variants early late --jobs 2", "runs": 36, "jobs": 2,
+         "seconds": 401.6, "seeds": [1234, 7, 11], "steps": 100, "eval_every": 10, "eval_problems": 128}  # fmt: skip
+    assert measured_line(m) == (
+        "Measured 2026-12-01 by `tools/compare_schedules.py --variants early late --jobs 2` (36 runs, 2 at a "
+        "time, 402 s for the whole command): seeds 1234, 7, 11; 100 steps; avg@4 on 128 held-out problems "
+        "every 10 steps."
+    )

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from megatron_opd.data import load_prompt_dataset
 from megatron_opd.data.tokenizer import load_tokenizer
 from megatron_opd.eval import HFGenerate, evaluate, load_eval_set
-from megatron_opd.toy.models import ToyRecipe, make_toy_models
+from megatron_opd.toy.models import ToyRecipe, _batch, make_toy_models
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_report_and_training_happened(made):
     assert r["recipe"]["teacher_steps"] == 30 and r["vocab_size"] == 3 + 14 + 4
     for role in ("teacher", "student"):
         # measured on the 8 held-out problems: whole eighths, one per problem solved
-        for key in ("greedy_accuracy", "sampled_accuracy"):
+        for key in ("greedy_accuracy", "sampled_accuracy", "trace_forced_sampled_accuracy"):
             assert r[role][key] * 8 == round(r[role][key] * 8), (role, key, r[role][key])
         assert r[role]["sft_seconds"] > 0 and r[role]["num_parameters"] > 0
     assert r["teacher"]["final_loss"] < 0.7 * math.log(r["vocab_size"])  # well below a uniform guess
@@ -120,3 +120,19 @@ def test_hf_generate_shapes_seeds_and_eos(made):
     )
     assert res.n_samples == 1 and len(res.correct) == 8 and set(res.correct) <= {0, 1}
     assert res.avg == sum(res.correct) / 8  # avg@1: the fraction of problems solved
+
+
+def test_recipe_hash_keeps_old_cache_names_and_tells_the_first_token_variant_apart():
+    # the shipped recipe's cache name from before student_shortcut_loss_tokens existed: its default keeps it
+    assert ToyRecipe().key() == "236a391a1f365a21"
+    assert ToyRecipe(student_shortcut_loss_tokens=1).key() != ToyRecipe().key()
+    with pytest.raises(ValueError, match="student_shortcut_loss_tokens must be >= 0"):
+        ToyRecipe(student_shortcut_loss_tokens=-1)
+
+
+def test_sft_batch_trains_only_the_covered_response_tokens():
+    # a bare-answer target trained on its first token only, beside a whole trace; pad id 0
+    targets = [([5, 6], [7, 8, 9], 1), ([5, 6, 6], [3, 4], 2)]
+    ids, mask, labels = _batch(targets, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 6, 3, 4]] and mask.tolist() == [[1] * 5, [1] * 5]
+    assert labels.tolist() == [[-100, -100, 7, -100, -100], [-100, -100, -100, 3, 4]]
