@@ -221,11 +221,11 @@ class MegatronTeacher:
     def score(
         self,
         prompt_ids: list[list[int]],
-        response_ids: list[list[int]],
+        response_ids: list[list[int]] | list[torch.Tensor],
         *,
         topk: int = 0,
         strategy: TopKStrategy = "student",
-        student_topk_ids: list[list[list[int]]] | None = None,
+        student_topk_ids: list[list[list[int]]] | list[torch.Tensor] | None = None,
         micro_batch_size: int = 8,
         logits_block: int = 1024,
     ) -> TeacherScores:
@@ -268,35 +268,40 @@ class MegatronTeacher:
             self.to_host()
         lps, tk_ids, tk_lps = [], [] if topk else None, [] if topk else None
         for (lp, ids, tlp), idx in zip(payload[0], spans):
-            offsets = [0]
-            for i in idx:
-                offsets.append(offsets[-1] + len(response_ids[i]))
-            for j in range(len(idx)):
-                a, b = offsets[j], offsets[j + 1]
-                lps.append(lp[a:b])
-                if topk:
-                    tk_ids.append(ids[a:b])
-                    tk_lps.append(tlp[a:b])
+            # per-sample CPU tensors owning their storage (TeacherScores); split returns views of the micro-batch
+            sizes = [len(response_ids[i]) for i in idx]
+            lps += [t.clone() for t in lp.split(sizes)]
+            if topk:
+                tk_ids += [t.clone() for t in ids.split(sizes)]
+                tk_lps += [t.clone() for t in tlp.split(sizes)]
         return TeacherScores(logprobs=lps, topk_ids=tk_ids, topk_logprobs=tk_lps)
 
     def _score_rows(self, h, weight, vocab_start, targets, topk, strategy, given, block):
-        lp: list[float] = []
-        ids_out: list[list[int]] = []
-        tlp: list[list[float]] = []
+        """(token logprobs float32 [N], top-K ids int64 [N, K], their logprobs float32 [N, K]) of the rows
+        ``h`` [N, hidden], on the CPU (K = 0: the top-K parts are empty)."""
+        lp: list[torch.Tensor] = []
+        ids_out: list[torch.Tensor] = []
+        tlp: list[torch.Tensor] = []
         pad = (vocab_start + torch.arange(weight.shape[0], device=h.device)) >= self.vocab_size
         for s in range(0, h.shape[0], block):
             logits = torch.mm(h[s : s + block].float(), weight.float().t()).masked_fill(pad, PAD_LOGIT)
-            lp += reference.token_logprobs(
-                logits, targets[s : s + block], vocab_start, self.tp_group
-            ).tolist()
+            lp.append(reference.token_logprobs(logits, targets[s : s + block], vocab_start, self.tp_group))
             if topk > 0:
                 if strategy == "teacher":
                     ids = reference.topk_ids(logits, topk, vocab_start, self.tp_group)
                 else:
                     ids = given[s : s + block]
-                ids_out += ids.tolist()
-                tlp += reference.logprobs_at(logits, ids, vocab_start, self.tp_group).tolist()
-        return lp, ids_out, tlp
+                ids_out.append(ids)
+                tlp.append(reference.logprobs_at(logits, ids, vocab_start, self.tp_group))
+
+        def cat(parts: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat(parts).cpu().to(dtype) if parts else torch.empty(shape, dtype=dtype)
+
+        return (
+            cat(lp, (0,), torch.float32),
+            cat(ids_out, (0, topk), torch.long),
+            cat(tlp, (0, topk), torch.float32),
+        )
 
 
 def _no_loss(output: torch.Tensor):
@@ -304,16 +309,22 @@ def _no_loss(output: torch.Tensor):
 
 
 def _positions(
-    prompts: list[list[int]], responses: list[list[int]], device: torch.device, multiple: int = 1
+    prompts: list[list[int]],
+    responses: list[list[int]] | list[torch.Tensor],
+    device: torch.device,
+    multiple: int = 1,
 ) -> _Positions:
     """Right-padded tokens of prompt + response (length a multiple of ``multiple``, for sequence parallelism) and
     the (row, position) predicting every response token."""
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    seqs = [
+        torch.cat([torch.as_tensor(p, dtype=torch.long), torch.as_tensor(r, dtype=torch.long)])
+        for p, r in zip(prompts, responses)
+    ]
     L = -(-max(len(s) for s in seqs) // multiple) * multiple
     tokens = torch.zeros(len(seqs), L, dtype=torch.long)
     rows, pos = [], []
     for b, (p, s) in enumerate(zip(prompts, seqs)):
-        tokens[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        tokens[b, : len(s)] = s
         rows += [b] * (len(s) - len(p))
         pos += list(range(len(p) - 1, len(s) - 1))
     return _Positions(
