@@ -90,6 +90,10 @@ def test_horizon_truncated_generation(server, models, ref_a):
     H = 6
     res = eng.generate(PROMPTS, n=3, max_new_tokens=H, temperature=1.0, top_p=1.0, seed=0, topk=4)
     res.validate()
+    assert all(
+        r.dtype == torch.long and t.shape == (len(r), 4) for r, t in zip(res.response_ids, res.topk_ids)
+    )
+    assert all(lp.dtype == torch.float32 for lp in res.logprobs)  # RolloutResult's documented types
     assert res.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for r, f in zip(res.response_ids, res.finish_reasons):
         assert 1 <= len(r) <= H

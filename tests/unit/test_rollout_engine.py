@@ -143,6 +143,30 @@ def test_map_parses_each_answer_in_the_worker_thread_that_received_it():
     assert threading.current_thread().name not in {name for _, name in got}
 
 
+def test_sglang_engine_returns_per_sequence_tensors():
+    """``RolloutResult``'s documented types from the SGLang engine (a stand-in server answering in SGLang's
+    format): int64 [T] ids, float32 [T] logprobs, int64 [T, K] top-K, prompts as lists."""
+    from megatron_opd.rollout.sglang_engine import SGLangEngine
+    from tests.unit.test_reliability_servers import _generate_answer, _Server
+
+    def answer(i, payload):
+        out = _generate_answer(payload)
+        K = payload["top_logprobs_num"]
+        meta = out["meta_info"]
+        meta["output_top_logprobs"] = [[[-0.5 - k, t + k, None] for k in range(K)] for t in out["output_ids"]]
+        return 200, "application/json", json.dumps(out)
+
+    with _Server(answer) as srv:
+        res = SGLangEngine(SGLangClient([srv.url])).generate(
+            [[1, 2], [3]], n=2, max_new_tokens=3, temperature=1.0, top_p=1.0, seed=0, topk=2
+        )
+    assert res.prompt_ids == [[1, 2], [1, 2], [3], [3]]
+    for r, lp, tk in zip(res.response_ids, res.logprobs, res.topk_ids):
+        assert r.dtype == torch.long and r.tolist() == [7, 8, 9]
+        assert lp.dtype == torch.float32 and lp.tolist() == [-1.0] * 3
+        assert tk.dtype == torch.long and tk.tolist() == [[7, 8], [8, 9], [9, 10]]
+
+
 def test_client_names_the_unreachable_url_after_retries():
     url = f"http://127.0.0.1:{free_port()}"
     client = SGLangClient([url], max_retries=2, backoff_s=0.01, timeout_s=2)
