@@ -23,7 +23,7 @@ from megatron_opd.rollout.engine import RolloutEngine
 
 class LogitScorer(Protocol):
     def response_logits(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]] | list[torch.Tensor]
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(sample index, fp32 logits [len(response_i), V]) in sample order."""
         ...

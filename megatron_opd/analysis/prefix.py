@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from megatron_opd.rollout.engine import RolloutEngine
+from megatron_opd.rollout.types import token_list
 
 
 @dataclass
@@ -51,7 +52,7 @@ def continue_teacher_prefixes(
         ro = teacher_engine.generate(
             prompts, n=n, max_new_tokens=H, temperature=temperature, top_p=top_p, seed=seed
         )
-        prefixes = [list(r) for r in ro.response_ids]
+        prefixes = [token_list(r) for r in ro.response_ids]
         stopped = [f == "stop" for f in ro.finish_reasons]
     todo = [k for k in range(len(index)) if not stopped[k] and len(prefixes[k]) < max_new_tokens]
     responses = [list(p) for p in prefixes]
@@ -65,7 +66,7 @@ def continue_teacher_prefixes(
             seed=seed + 1,
         )
         for k, r in zip(todo, cont.response_ids):
-            responses[k] += list(r)
+            responses[k] += token_list(r)
     return Continuations(ratio, H, index, prefixes, responses)
 
 

@@ -22,6 +22,7 @@ from megatron_opd.config.tree import EvalConfig
 from megatron_opd.data.prompts import encode_prompts
 from megatron_opd.eval.benchmarks import EvalSet, load_eval_set
 from megatron_opd.eval.metrics import avg_at_k, default_ks, mean_pass_at_k
+from megatron_opd.rollout.types import token_list
 
 GenerateFn = Callable[..., Any]
 
@@ -67,7 +68,7 @@ def normalize_generation(out: Any, num_prompts: int, n: int) -> tuple[list[list[
         raise ValueError(
             f"the generate callable returned {len(ids)} responses for {num_prompts} prompts x n={n}"
         )
-    return [list(r) for r in ids], (list(reasons) if reasons is not None else None)
+    return [token_list(r) for r in ids], (list(reasons) if reasons is not None else None)
 
 
 def _cut_at_eos(ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], bool]:

@@ -28,7 +28,7 @@ import torch
 from megatron_opd.loss import reference
 from megatron_opd.parallel.cpu_compat import without_redirects
 from megatron_opd.rollout.decoder import Decoder, KVCache
-from megatron_opd.rollout.types import RolloutResult, check_generate_args
+from megatron_opd.rollout.types import RolloutResult, check_generate_args, token_list
 
 __all__ = ["EmbeddedEngine", "read_eos_token_ids", "read_tokenizer_vocab_size", "iter_named_tensors"]
 
@@ -145,17 +145,18 @@ class EmbeddedEngine:
         seed: int,
         topk: int = 0,
     ) -> RolloutResult:
-        """Sample ``n`` responses per prompt, at most ``max_new_tokens`` each (the horizon H_k)."""
+        """Sample ``n`` responses per prompt, at most ``max_new_tokens`` each (the horizon H_k); per-token fields
+        are CPU tensors (``RolloutResult``)."""
         check_generate_args(n, max_new_tokens)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         index = [i for i in range(len(prompts)) for _ in range(n)]
-        rows = [list(prompts[i]) for i in index]
+        rows = [token_list(prompts[i]) for i in index]
         gen = torch.Generator(device=self.decoder.device).manual_seed(seed)
-        out_ids: list[list[int]] = []
-        out_lp: list[list[float]] = []
+        out_ids: list[torch.Tensor] = []
+        out_lp: list[torch.Tensor] = []
         out_fin: list[str] = []
-        out_topk: list[list[list[int]]] | None = [] if topk > 0 else None
+        out_topk: list[torch.Tensor] | None = [] if topk > 0 else None
         for s in range(0, len(rows), self.max_batch_size):
             ids, lps, fins, tks = self._generate_chunk(
                 rows[s : s + self.max_batch_size], max_new_tokens, temperature, top_p, gen, topk
@@ -182,7 +183,9 @@ class EmbeddedEngine:
         top_p: float,
         gen: torch.Generator,
         topk: int,
-    ) -> tuple[list[list[int]], list[list[float]], list[str], list[list[list[int]]]]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], list[torch.Tensor]]:
+        """(response ids int64 [T_b], logprobs float32 [T_b], finish reasons, top-K ids int64 [T_b, K]) per row,
+        on the CPU."""
         dev = self.decoder.device
         B = len(rows)
         lens = torch.tensor([len(r) for r in rows], device=dev)
@@ -228,11 +231,12 @@ class EmbeddedEngine:
             pos = (lens + t)[:, None]
             hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t, decode_step=True)
             hidden = hidden[:, -1]
-        tok_m, lp_m = tok_buf.tolist(), lp_buf.tolist()
-        tk_m = tk_buf.tolist() if tk_buf is not None else None
-        lengths, stopped = length.tolist(), done.tolist()
-        out_ids = [tok_m[b][: lengths[b]] for b in range(B)]
-        out_lp = [lp_m[b][: lengths[b]] for b in range(B)]
-        fins = ["stop" if stopped[b] else "length" for b in range(B)]
-        out_tk = [tk_m[b][: lengths[b]] for b in range(B)] if tk_m is not None else []
+        # One device-to-host copy per buffer, then per-row clones: each sample owns its storage (a view would
+        # keep, and pickle, the whole [B, max_new] buffer) and no per-token Python object is made.
+        tok_buf, lp_buf, lengths = tok_buf.cpu(), lp_buf.cpu(), length.tolist()
+        tk_buf = tk_buf.cpu() if tk_buf is not None else None
+        out_ids = [tok_buf[b, : lengths[b]].clone() for b in range(B)]
+        out_lp = [lp_buf[b, : lengths[b]].clone() for b in range(B)]
+        fins = ["stop" if s else "length" for s in done.tolist()]
+        out_tk = [tk_buf[b, : lengths[b]].clone() for b in range(B)] if tk_buf is not None else []
         return out_ids, out_lp, fins, out_tk

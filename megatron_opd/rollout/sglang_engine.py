@@ -8,7 +8,8 @@ Semantics kept equal to the embedded engine:
 - logprobs are temperature-1 (the launcher sets ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``; a server started elsewhere
   must set it too, or use temperature 1);
 - a response stopped by EOS ends with the EOS token ("stop"), one cut by ``max_new_tokens`` is "length";
-- ``topk`` > 0 asks ``top_logprobs_num`` and returns the student's top-K ids per response token.
+- ``topk`` > 0 asks ``top_logprobs_num`` and returns the student's top-K ids per response token;
+- per-token fields are CPU tensors, parsed from each answer's JSON in the worker thread that received it.
 Not kept: ``seed``. SGLang samples with its own per-server RNG unless a server runs with
 ``--enable-deterministic-inference``; ``seed`` is then sent as ``sampling_seed`` (``deterministic=True``).
 """
@@ -19,8 +20,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from megatron_opd.rollout.sglang_client import SGLangClient
-from megatron_opd.rollout.types import RolloutError, RolloutResult, check_generate_args
+import numpy as np
+import torch
+
+from megatron_opd.rollout.sglang_client import SGLangClient, logprob_arrays
+from megatron_opd.rollout.types import RolloutError, RolloutResult, check_generate_args, token_list
 from megatron_opd.utils.seeding import derive_seed
 
 __all__ = ["SGLangEngine", "parse_generation"]
@@ -28,27 +32,30 @@ __all__ = ["SGLangEngine", "parse_generation"]
 
 def parse_generation(
     out: dict[str, Any], max_new_tokens: int, want_topk: int
-) -> tuple[list, list, str, list]:
-    """(response ids, logprobs, finish reason, top-K ids) of one ``/generate`` answer; raises on anything malformed."""
+) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor | None]:
+    """(response ids int64 [T], logprobs float32 [T], finish reason, top-K ids int64 [T, K] or None when
+    ``want_topk`` is 0) of one ``/generate`` answer, as CPU tensors; raises on anything malformed.
+
+    Called in the client's worker thread as each answer arrives (``SGLangClient.map``'s ``parse``), so the
+    conversion overlaps with the requests still in flight.
+    """
     meta = out.get("meta_info") or {}
     fin = meta.get("finish_reason") or {}
     kind = fin.get("type") if isinstance(fin, dict) else fin
     if kind not in ("stop", "length"):
         raise RolloutError(f"SGLang generation ended with finish_reason={fin!r}")
-    entries = meta.get("output_token_logprobs") or []
-    ids = [int(e[1]) for e in entries]
-    if out.get("output_ids") is not None and list(out["output_ids"]) != ids:
+    lps, ids = logprob_arrays(meta.get("output_token_logprobs") or [], "output_token_logprobs")
+    if out.get("output_ids") is not None and not np.array_equal(np.asarray(out["output_ids"]), ids):
         raise RolloutError("SGLang output_ids disagree with output_token_logprobs")
     if len(ids) > max_new_tokens or (kind == "length" and len(ids) != max_new_tokens):
         raise RolloutError(f"SGLang returned {len(ids)} tokens for max_new_tokens={max_new_tokens} ({kind})")
-    lps = [float(e[0]) for e in entries]
-    tks: list[list[int]] = []
+    tks = None
     if want_topk:
         tops = meta.get("output_top_logprobs") or []
         if len(tops) != len(ids) or any(len(t) < want_topk for t in tops):
             raise RolloutError("SGLang top logprobs do not cover every response token")
-        tks = [[int(e[1]) for e in t[:want_topk]] for t in tops]
-    return ids, lps, kind, tks
+        tks = torch.from_numpy(logprob_arrays(tops, "output_top_logprobs", want_topk)[1])
+    return torch.from_numpy(ids), torch.from_numpy(lps), kind, tks
 
 
 class SGLangEngine:
@@ -90,25 +97,25 @@ class SGLangEngine:
             }
             if self.deterministic:
                 sp["sampling_seed"] = derive_seed(seed, j)
-            p: dict[str, Any] = {"input_ids": list(prompts[i]), "sampling_params": sp, "return_logprob": True}
+            p: dict[str, Any] = {
+                "input_ids": token_list(prompts[i]),
+                "sampling_params": sp,
+                "return_logprob": True,
+            }
             if topk > 0:
                 p["top_logprobs_num"] = topk
             payloads.append(p)
-        outs = self.client.map("/generate", payloads)
-        ids, lps, fins, tks = [], [], [], []
-        for out in outs:
-            a, b, c, d = parse_generation(out, max_new_tokens, topk)
-            ids.append(a)
-            lps.append(b)
-            fins.append(c)
-            tks.append(d)
+        # Each answer becomes tensors in the worker thread that received it (module doc of sglang_client).
+        parsed = self.client.map(
+            "/generate", payloads, parse=lambda _, out: parse_generation(out, max_new_tokens, topk)
+        )
         res = RolloutResult(
             prompt_index=index,
-            prompt_ids=[list(prompts[i]) for i in index],
-            response_ids=ids,
-            logprobs=lps,
-            finish_reasons=fins,
-            topk_ids=tks if topk > 0 else None,
+            prompt_ids=[token_list(prompts[i]) for i in index],
+            response_ids=[p[0] for p in parsed],
+            logprobs=[p[1] for p in parsed],
+            finish_reasons=[p[2] for p in parsed],
+            topk_ids=[p[3] for p in parsed] if topk > 0 else None,
         )
         res.validate()
         return res

@@ -10,7 +10,7 @@ block, not per sample (on the CPU main job scoring is dominated by per-op overhe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -46,13 +46,14 @@ class EmbeddedScorer:
         kw.setdefault("vocab_size", read_tokenizer_vocab_size(path))
         return cls(Decoder.from_hf_dir(path, dtype=dtype, device=device), **kw)
 
-    def _chunks(self, seqs: list[list[int]]) -> Iterator[tuple[int, int, int]]:
-        """(start, end, longest): consecutive samples of at most ``max_tokens_per_batch`` padded tokens."""
+    def _chunks(self, lengths: list[int]) -> Iterator[tuple[int, int, int]]:
+        """(start, end, longest): consecutive samples (of ``lengths`` tokens) of at most ``max_tokens_per_batch``
+        padded tokens."""
         start = 0
-        while start < len(seqs):
+        while start < len(lengths):
             end, longest = start, 0
-            while end < len(seqs):
-                longest2 = max(longest, len(seqs[end]))
+            while end < len(lengths):
+                longest2 = max(longest, lengths[end])
                 if end > start and longest2 * (end - start + 1) > self.max_tokens_per_batch:
                     break
                 longest, end = longest2, end + 1
@@ -60,31 +61,34 @@ class EmbeddedScorer:
             start = end
 
     def response_hidden(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int] | torch.Tensor]
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(sample index, final hidden states [len(response_i), hidden] predicting each response token).
 
         A generator over chunks of at most ``max_tokens_per_batch`` padded tokens, in sample order.
         """
-        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
-        for start, end, longest in self._chunks(seqs):
+        seqs = _sequences(prompt_ids, response_ids)
+        for start, end, longest in self._chunks([len(q) for q in seqs]):
             hidden = self._chunk_hidden(seqs[start:end], longest)
             for b in range(end - start):
                 yield start + b, hidden[b, len(prompt_ids[start + b]) - 1 : len(seqs[start + b]) - 1]
 
     def response_logits(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int] | torch.Tensor]
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(sample index, fp32 logits [len(response_i), V]); one sample's logits alive at a time."""
         for i, h in self.response_hidden(prompt_ids, response_ids):
             yield i, self.decoder.logits(h, self.vocab_size)
 
     @torch.no_grad()
-    def _chunk_hidden(self, seqs: list[list[int]], L: int) -> torch.Tensor:
-        """Final hidden states of right-padded ``seqs``: [len(seqs), L, hidden]."""
+    def _chunk_hidden(self, seqs: list[torch.Tensor], L: int) -> torch.Tensor:
+        """Final hidden states of right-padded ``seqs`` (int64 [len_b] each): [len(seqs), L, hidden]."""
         dev = self.decoder.device
         B = len(seqs)
-        ids = torch.tensor([q + [0] * (L - len(q)) for q in seqs], dtype=torch.long, device=dev).view(B, L)
+        ids = torch.zeros((B, L), dtype=torch.long)
+        for b, q in enumerate(seqs):
+            ids[b, : len(q)] = q
+        ids = ids.to(dev)
         lens = torch.tensor([len(q) for q in seqs], device=dev)
         pos = torch.arange(L, device=dev)[None].expand(B, L)
         valid = pos < lens[:, None]
@@ -95,41 +99,38 @@ class EmbeddedScorer:
     @torch.no_grad()
     def score(
         self,
-        prompt_ids: list[list[int]],
-        response_ids: list[list[int]],
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int] | torch.Tensor],
         *,
         topk: int = 0,
         strategy: TopKStrategy = "student",
-        student_topk_ids: list[list[list[int]]] | None = None,
+        student_topk_ids: Sequence[Sequence[Sequence[int]] | torch.Tensor] | None = None,
     ) -> TeacherScores:
+        """``TeacherScorer.score``: per-sample CPU tensors (``TeacherScores``), lists or tensors in."""
         check_score_request(prompt_ids, response_ids, topk, strategy, student_topk_ids)
         lengths = [len(r) for r in response_ids]
-        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+        seqs = _sequences(prompt_ids, response_ids)
         lp_parts: list[torch.Tensor] = []
         ids_parts: list[torch.Tensor] = []
         tlp_parts: list[torch.Tensor] = []
-        for start, end, longest in self._chunks(seqs):
+        for start, end, longest in self._chunks([len(q) for q in seqs]):
             hidden = self._chunk_hidden(seqs[start:end], longest)
+            dev = hidden.device
             # Every response position of the chunk in one [N, hidden] tensor (sample order): the LM head and the
             # log-softmax then run once per block of positions, not once per sample.
-            rows = [
-                b * longest + t
-                for b in range(end - start)
-                for t in range(len(prompt_ids[start + b]) - 1, len(seqs[start + b]) - 1)
-            ]
-            flat = hidden.reshape(-1, hidden.shape[-1])[
-                torch.tensor(rows, dtype=torch.long, device=hidden.device)
-            ]
-            targets = torch.tensor(
-                [tok for r in response_ids[start:end] for tok in r], dtype=torch.long, device=hidden.device
+            rows = torch.cat(
+                [
+                    b * longest + torch.arange(len(prompt_ids[start + b]) - 1, len(seqs[start + b]) - 1)
+                    for b in range(end - start)
+                ]
             )
+            flat = hidden.reshape(-1, hidden.shape[-1])[rows.to(dev)]
+            targets = torch.cat([_ids(r) for r in response_ids[start:end]]).to(dev)
             student_ids = None
             if topk > 0 and strategy == "student":
-                student_ids = torch.tensor(
-                    [row for r in student_topk_ids[start:end] for row in r],
-                    dtype=torch.long,
-                    device=hidden.device,
-                ).view(-1, topk)
+                student_ids = torch.cat([_ids(x).reshape(-1, topk) for x in student_topk_ids[start:end]]).to(
+                    dev
+                )
             # Logits in blocks of positions: [block, V] fp32 at a time, however many tokens the chunk holds.
             for s in range(0, flat.shape[0], self.logits_block):
                 logits = self.decoder.logits(flat[s : s + self.logits_block], self.vocab_size)
@@ -141,21 +142,30 @@ class EmbeddedScorer:
                         ids = student_ids[s : s + self.logits_block]
                     ids_parts.append(ids)
                     tlp_parts.append(reference.logprobs_at(logits, ids))
-        flat_lp = torch.cat(lp_parts).tolist() if lp_parts else []
-        lps = _split(flat_lp, lengths)
+        lps = _split(lp_parts, lengths, (), torch.float32)
         if topk == 0:
             return TeacherScores(logprobs=lps, topk_ids=None, topk_logprobs=None)
-        flat_ids = torch.cat(ids_parts).tolist() if ids_parts else []
-        flat_tlp = torch.cat(tlp_parts).tolist() if tlp_parts else []
         return TeacherScores(
-            logprobs=lps, topk_ids=_split(flat_ids, lengths), topk_logprobs=_split(flat_tlp, lengths)
+            logprobs=lps,
+            topk_ids=_split(ids_parts, lengths, (topk,), torch.long),
+            topk_logprobs=_split(tlp_parts, lengths, (topk,), torch.float32),
         )
 
 
-def _split(flat: list, lengths: list[int]) -> list[list]:
-    """Cut a flat per-token list into per-sample lists of ``lengths``."""
-    out, at = [], 0
-    for n in lengths:
-        out.append(flat[at : at + n])
-        at += n
-    return out
+def _ids(x: Sequence | torch.Tensor) -> torch.Tensor:
+    """Token ids (a list, nested list or tensor) as an int64 CPU tensor."""
+    return torch.as_tensor(x, dtype=torch.long)
+
+
+def _sequences(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int] | torch.Tensor]
+) -> list[torch.Tensor]:
+    """prompt + response of every sample, int64 [len_b] each."""
+    return [torch.cat([_ids(p), _ids(r)]) for p, r in zip(prompt_ids, response_ids)]
+
+
+def _split(parts: list[torch.Tensor], lengths: list[int], row: tuple[int, ...], dtype: torch.dtype) -> list:
+    """Cut the concatenated per-token ``parts`` into per-sample CPU tensors [lengths[i], *row] of ``dtype``, each
+    owning its storage (a view would keep, and pickle, the whole batch)."""
+    flat = torch.cat(parts).cpu().to(dtype) if parts else torch.empty((0, *row), dtype=dtype)
+    return [t.clone() for t in flat.split(lengths)]

@@ -221,11 +221,11 @@ class MegatronTeacher:
     def score(
         self,
         prompt_ids: list[list[int]],
-        response_ids: list[list[int]],
+        response_ids: list[list[int]] | list[torch.Tensor],
         *,
         topk: int = 0,
         strategy: TopKStrategy = "student",
-        student_topk_ids: list[list[list[int]]] | None = None,
+        student_topk_ids: list[list[list[int]]] | list[torch.Tensor] | None = None,
         micro_batch_size: int = 8,
         logits_block: int = 1024,
     ) -> TeacherScores:
@@ -268,28 +268,27 @@ class MegatronTeacher:
             self.to_host()
         lps, tk_ids, tk_lps = [], [] if topk else None, [] if topk else None
         for (lp, ids, tlp), idx in zip(payload[0], spans):
-            offsets = [0]
-            for i in idx:
-                offsets.append(offsets[-1] + len(response_ids[i]))
-            for j in range(len(idx)):
-                a, b = offsets[j], offsets[j + 1]
-                lps.append(lp[a:b])
-                if topk:
-                    tk_ids.append(ids[a:b])
-                    tk_lps.append(tlp[a:b])
+            # per-sample CPU tensors owning their storage (TeacherScores); split returns views of the micro-batch
+            sizes = [len(response_ids[i]) for i in idx]
+            lps += [t.clone() for t in lp.split(sizes)]
+            if topk:
+                tk_ids += [t.clone() for t in ids.split(sizes)]
+                tk_lps += [t.clone() for t in tlp.split(sizes)]
         return TeacherScores(logprobs=lps, topk_ids=tk_ids, topk_logprobs=tk_lps)
 
     def _score_rows(self, h, weight, vocab_start, targets, topk, strategy, given, block):
-        """(log p(y) list, top-K ids lists, log p at them lists) for one micro-batch's rows h [N, H_t], over
-        vocabulary tiles (``two_model.model_scores``: no [N, V/tp] block)."""
+        """(token logprobs float32 [N], top-K ids int64 [N, K], their logprobs float32 [N, K]) of the rows
+        ``h`` [N, hidden], on the CPU (K = 0: the top-K parts are empty), over vocabulary tiles
+        (``two_model.model_scores``: no [N, V/tp] block)."""
         lp, ids, tlp = model_scores(
             h, weight, targets, ids=given if topk > 0 and strategy == "student" else None,
             topk=topk if strategy == "teacher" else 0, vocab_start=vocab_start, tp_group=self.tp_group,
             chunk_size=block, vocab_size=self.vocab_size,
         )  # fmt: skip
+        lp = lp.cpu().to(torch.float32)
         if topk == 0 or ids is None:
-            return lp.tolist(), [], []
-        return lp.tolist(), ids.tolist(), tlp.tolist()
+            return lp, torch.empty((0, topk), dtype=torch.long), torch.empty((0, topk), dtype=torch.float32)
+        return lp, ids.cpu().to(torch.long), tlp.cpu().to(torch.float32)
 
 
 def _no_loss(output: torch.Tensor):
@@ -297,16 +296,22 @@ def _no_loss(output: torch.Tensor):
 
 
 def _positions(
-    prompts: list[list[int]], responses: list[list[int]], device: torch.device, multiple: int = 1
+    prompts: list[list[int]],
+    responses: list[list[int]] | list[torch.Tensor],
+    device: torch.device,
+    multiple: int = 1,
 ) -> _Positions:
     """Right-padded tokens of prompt + response (length a multiple of ``multiple``, for sequence parallelism) and
     the (row, position) predicting every response token."""
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    seqs = [
+        torch.cat([torch.as_tensor(p, dtype=torch.long), torch.as_tensor(r, dtype=torch.long)])
+        for p, r in zip(prompts, responses)
+    ]
     L = -(-max(len(s) for s in seqs) // multiple) * multiple
     tokens = torch.zeros(len(seqs), L, dtype=torch.long)
     rows, pos = [], []
     for b, (p, s) in enumerate(zip(prompts, seqs)):
-        tokens[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        tokens[b, : len(s)] = s
         rows += [b] * (len(s) - len(p))
         pos += list(range(len(p) - 1, len(s) - 1))
     return _Positions(

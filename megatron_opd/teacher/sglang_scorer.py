@@ -17,6 +17,9 @@ returned logprobs. With repeated tokens the union is far below run x K. (``retur
 teacher's LM head in the trainer would serve any id set without this, but moves [T, hidden] per sample; not done.)
 
 Every response is scored completely or the call raises (``SGLangClient.map``): never a half-scored sample.
+Each answer's JSON becomes arrays (``logprob_arrays``), is checked and is written into its sample's slice in the
+client's worker thread that received it, while other requests are still in flight; the scores are per-sample
+CPU tensors.
 
 SGLang 0.5.23 relabels the LAST vocabulary id (``vocab_size - 1``) as 0 in ``input_token_logprobs``
 (``x if x < vocab_size - 1 else 0`` in its logprob_result_processor; the logprob value itself is that of the real
@@ -29,20 +32,29 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from megatron_opd.rollout.sglang_client import SGLangClient, redact_url
-from megatron_opd.rollout.types import RolloutError
+import numpy as np
+import torch
+
+from megatron_opd.rollout.sglang_client import SGLangClient, logprob_arrays, redact_url
+from megatron_opd.rollout.types import RolloutError, token_list
 from megatron_opd.teacher.scorer import TeacherScores, TopKStrategy, check_score_request
 
 __all__ = ["SGLangScorer", "plan_runs"]
 
 
-def plan_runs(topk_ids: list[list[int]], max_ids: int) -> list[tuple[int, int, list[int]]]:
+def plan_runs(
+    topk_ids: Sequence[Sequence[int]] | np.ndarray | torch.Tensor, max_ids: int
+) -> list[tuple[int, int, list[int]]]:
     """Cut positions into consecutive runs [start, end) whose id union has at most max(max_ids, K) ids.
 
-    topk_ids: [T][K] -> [(start, end, sorted union ids)], covering 0..T in order.
+    topk_ids: [T][K] (lists, or an int array/tensor [T, K]) -> [(start, end, sorted union ids)], covering 0..T
+    in order.
     """
+    if isinstance(topk_ids, np.ndarray | torch.Tensor):
+        topk_ids = topk_ids.tolist()  # Python ints: a 0-d tensor would hash by identity in the sets below
     runs: list[tuple[int, int, list[int]]] = []
     start, union = 0, set()
     for t, ids in enumerate(topk_ids):
@@ -83,11 +95,6 @@ class SGLangScorer:
         except Exception:  # noqa: BLE001 - optional: without it the id check is only looser
             return None
 
-    def _same_token(self, reported: int, want: int) -> bool:
-        if reported == want:
-            return True
-        return reported == 0 and (self.vocab_size is None or want == self.vocab_size - 1)
-
     def probe(self, topk: int, strategy: TopKStrategy) -> None:
         """Start-up check that the servers return what ``strategy`` needs (raises RolloutError if not)."""
         p: dict[str, Any] = {
@@ -113,25 +120,30 @@ class SGLangScorer:
 
     def score(
         self,
-        prompt_ids: list[list[int]],
-        response_ids: list[list[int]],
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int] | torch.Tensor],
         *,
         topk: int = 0,
         strategy: TopKStrategy = "student",
-        student_topk_ids: list[list[list[int]]] | None = None,
+        student_topk_ids: Sequence[Sequence[Sequence[int]] | torch.Tensor] | None = None,
     ) -> TeacherScores:
+        """``TeacherScorer.score``: per-sample CPU tensors (``TeacherScores``), lists or tensors in. Each answer
+        is checked and written into its sample's arrays in the worker thread that received it."""
         check_score_request(prompt_ids, response_ids, topk, strategy, student_topk_ids)
+        student = topk > 0 and strategy == "student"
+        responses = [_array(r, np.int64) for r in response_ids]
+        given = [_array(x, np.int64).reshape(-1, topk) for x in student_topk_ids] if student else None
         # One request per (sample, run); a run is the whole response unless strategy 'student' needs several.
         jobs: list[tuple[int, int, int, list[int]]] = []
-        for i, r in enumerate(response_ids):
-            if topk > 0 and strategy == "student":
-                jobs += [(i, s, e, u) for s, e, u in plan_runs(student_topk_ids[i], self.max_ids_per_request)]
-            elif r:
+        for i, r in enumerate(responses):
+            if student:
+                jobs += [(i, s, e, u) for s, e, u in plan_runs(given[i], self.max_ids_per_request)]
+            elif len(r):
                 jobs.append((i, 0, len(r), []))
         payloads = []
         for i, s, e, union in jobs:
             p: dict[str, Any] = {
-                "input_ids": list(prompt_ids[i]) + list(response_ids[i][:e]),
+                "input_ids": token_list(prompt_ids[i]) + responses[i][:e].tolist(),
                 "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
                 "return_logprob": True,
                 "logprob_start_len": len(prompt_ids[i]) + s - 1,
@@ -141,31 +153,65 @@ class SGLangScorer:
             elif topk > 0:
                 p["token_ids_logprob"] = union
             payloads.append(p)
-        outs = self.client.map("/generate", payloads)
 
-        lps: list[list[float]] = [[0.0] * len(r) for r in response_ids]
-        tk_ids = [[None] * len(r) for r in response_ids] if topk > 0 else None
-        tk_lps = [[None] * len(r) for r in response_ids] if topk > 0 else None
-        for (i, s, e, _), out in zip(jobs, outs):
+        # Every position of every sample is written by exactly one job (the runs cover 0..T), so empty is safe.
+        lps = [np.empty(len(r), dtype=np.float32) for r in responses]
+        tk_ids = [np.empty((len(r), topk), dtype=np.int64) for r in responses] if topk > 0 else None
+        tk_lps = [np.empty((len(r), topk), dtype=np.float32) for r in responses] if topk > 0 else None
+
+        def parse(j: int, out: dict[str, Any]) -> None:
+            i, s, e, _ = jobs[j]
             meta = out.get("meta_info") or {}
-            toks = _entries(meta, "input_token_logprobs", e - s)
-            for t, entry in enumerate(toks):
-                if not self._same_token(int(entry[1]), response_ids[i][s + t]):
-                    raise RolloutError(
-                        f"SGLang scoring: sample {i} position {s + t} scored token {entry[1]}, "
-                        f"not {response_ids[i][s + t]}"
-                    )
-                lps[i][s + t] = float(entry[0])
+            lp, got = logprob_arrays(_entries(meta, "input_token_logprobs", e - s), "input_token_logprobs")
+            want = responses[i][s:e]
+            same = (got == want) | ((got == 0) & (want == self.vocab_size - 1 if self.vocab_size else True))
+            if not same.all():
+                t = int(np.argmin(same))
+                raise RolloutError(
+                    f"SGLang scoring: sample {i} position {s + t} scored token {got[t]}, not {want[t]}"
+                )
+            lps[i][s:e] = lp
             if topk > 0 and strategy == "teacher":
-                for t, top in enumerate(_entries(meta, "input_top_logprobs", e - s)):
-                    tk_ids[i][s + t] = [int(x[1]) for x in top[:topk]]
-                    tk_lps[i][s + t] = [float(x[0]) for x in top[:topk]]
+                tl, ti = logprob_arrays(
+                    _entries(meta, "input_top_logprobs", e - s), "input_top_logprobs", topk
+                )
+                tk_ids[i][s:e], tk_lps[i][s:e] = ti, tl
             elif topk > 0:
-                for t, got in enumerate(_entries(meta, "input_token_ids_logprobs", e - s)):
-                    by_id = {int(x[1]): float(x[0]) for x in got}
-                    want = student_topk_ids[i][s + t]
-                    if any(v not in by_id for v in want):
-                        raise RolloutError(f"SGLang scoring: sample {i} position {s + t} lacks a student id")
-                    tk_ids[i][s + t] = list(want)
-                    tk_lps[i][s + t] = [by_id[v] for v in want]
-        return TeacherScores(logprobs=lps, topk_ids=tk_ids, topk_logprobs=tk_lps)
+                rows = _entries(meta, "input_token_ids_logprobs", e - s)
+                tl, ti = logprob_arrays(rows, "input_token_ids_logprobs", len(rows[0]) if rows else 0)
+                tk_ids[i][s:e] = given[i][s:e]
+                tk_lps[i][s:e] = _pick(ti, tl, given[i][s:e], i, s)
+
+        self.client.map("/generate", payloads, parse=parse)
+        as_tensors = (lambda xs: [torch.from_numpy(x) for x in xs]) if topk > 0 else (lambda xs: None)
+        return TeacherScores(
+            logprobs=[torch.from_numpy(x) for x in lps],
+            topk_ids=as_tensors(tk_ids),
+            topk_logprobs=as_tensors(tk_lps),
+        )
+
+
+def _array(x: Sequence | torch.Tensor, dtype: type) -> np.ndarray:
+    """A list or CPU tensor as a numpy array (a tensor's is shared, not copied)."""
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=dtype)
+
+
+def _pick(ids: np.ndarray, lps: np.ndarray, want: np.ndarray, sample: int, start: int) -> np.ndarray:
+    """Per position t, the logprobs at ``want[t]`` [T, K] out of the answered (``ids``, ``lps``) [T, W].
+
+    Vectorised lookup: each row's ids sorted, rows made disjoint by adding ``t * M`` (M above every id), so one
+    ``searchsorted`` over the flattened rows finds every wanted id; a wanted id missing from its row raises."""
+    T, W = ids.shape
+    if W == 0:
+        raise RolloutError(f"SGLang scoring: sample {sample} position {start} lacks a student id")
+    order = np.argsort(ids, axis=1, kind="stable")
+    M = int(max(ids.max(), want.max())) + 1
+    offset = np.arange(T, dtype=np.int64)[:, None] * M
+    keys = (np.take_along_axis(ids, order, 1) + offset).ravel()
+    query = (want + offset).ravel()
+    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    found = keys[pos] == query
+    if not found.all():
+        t = int(np.argmin(found)) // want.shape[1]
+        raise RolloutError(f"SGLang scoring: sample {sample} position {start + t} lacks a student id")
+    return np.take_along_axis(lps, order, 1).ravel()[pos].reshape(want.shape)

@@ -84,14 +84,15 @@ class OPDBatch:
     def from_lists(
         cls,
         prompts: list[list[int]],
-        responses: list[list[int]],
-        teacher_logprobs: list[list[float]] | None,
+        responses: list[list[int]] | list[torch.Tensor],
+        teacher_logprobs: list[list[float]] | list[torch.Tensor] | None,
         window: HorizonWindow,
         topk_ids: list | torch.Tensor | None = None,
         teacher_topk_logprobs: list | torch.Tensor | None = None,
         pad_id: int = 0,
     ) -> OPDBatch:
-        """Pad ragged rollouts into an ``OPDBatch``. Top-K inputs are per sequence [R_b][K] (lists or tensors).
+        """Pad ragged rollouts into an ``OPDBatch``. Per-sequence inputs may be lists or tensors (what the engines
+        return: response ids int64 [R_b], logprobs float32 [R_b], top-K [R_b, K]).
         ``teacher_logprobs`` None: the step scores (teacher.backend 'megatron')."""
         if (
             not len(prompts)
@@ -102,7 +103,10 @@ class OPDBatch:
         for b, (r, t) in enumerate(zip(responses, teacher_logprobs or [])):
             if len(t) < len(r):
                 raise ValueError(f"rollout {b}: {len(t)} teacher logprobs for {len(r)} response tokens")
-        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        seqs = [
+            torch.cat([torch.as_tensor(p, dtype=torch.long), torch.as_tensor(r, dtype=torch.long)])
+            for p, r in zip(prompts, responses)
+        ]
         L = max((len(s) for s in seqs), default=1)
         R = max((len(r) for r in responses), default=1)
         R = max(R, 1)
@@ -129,7 +133,13 @@ class OPDBatch:
             teacher_logprobs=None
             if teacher_logprobs is None
             else _pad_2d(
-                [list(t)[: len(r)] for t, r in zip(teacher_logprobs, responses)], R, 0.0, torch.float32
+                [
+                    torch.as_tensor(t, dtype=torch.float32)[: len(r)]
+                    for t, r in zip(teacher_logprobs, responses)
+                ],
+                R,
+                0.0,
+                torch.float32,
             ),
             window=window,
             topk_ids=ids,

@@ -253,7 +253,9 @@ def build_micro_batches(
 
     Equal to ``OPDBatch.from_lists(<all rollouts>).select(rows)`` split into ``len(rows) // micro_batch_size``
     pieces. Shapes per micro-batch: tokens [b, L] int64, lengths [b], teacher_logprobs [b, R] float32, top-K
-    [b, R, K]. Per-sequence inputs may be lists (converted by numpy, no per-token Python loop) or tensors.
+    [b, R, K]. Per-sequence inputs are tensors as the engines return them (``RolloutResult``,
+    ``TeacherScores``: copied, no conversion); lists (hand-built) are converted by numpy, no per-token Python
+    loop, but that conversion costs rank 0 about 1.8 CPU s a step at the paper's shape (bench_handover.py).
     """
     K = _check_scored(rollouts, scores)
     lengths = _lengths(rollouts)

@@ -76,7 +76,8 @@ def embedded(tiny_pair):
 
 
 def _flat(x):
-    return torch.tensor([v for row in x for v in (row if not isinstance(row[0], list) else sum(row, []))])
+    """Per-sample scores ([T] or [T, K] tensors) as one flat float64 tensor."""
+    return torch.cat([torch.as_tensor(row, dtype=torch.float64).reshape(-1) for row in x])
 
 
 def _compare(got, want):
@@ -84,11 +85,13 @@ def _compare(got, want):
         lp, ids, tlp = got[case]
         w_lp, w_ids, w_tlp = want[case]
         assert [len(r) for r in lp] == [len(r) for r in w_lp]
+        assert all(r.dtype == torch.float32 for r in lp), case  # TeacherScores' documented type
         torch.testing.assert_close(_flat(lp), _flat(w_lp), atol=ATOL, rtol=0, msg=case)
         if case == "plain":
             assert ids is None and tlp is None
             continue
-        assert ids == w_ids, case
+        assert len(ids) == len(w_ids) and all(torch.equal(x, y) for x, y in zip(ids, w_ids)), case
+        assert all(x.dtype == torch.long and t.dtype == torch.float32 for x, t in zip(ids, tlp)), case
         torch.testing.assert_close(_flat(tlp), _flat(w_tlp), atol=ATOL, rtol=0, msg=case)
 
 

@@ -28,7 +28,7 @@ def _worker(rank, world, work_dir):
     def poisoned_score(self, *a, **kw):  # the real teacher, then NaN logprobs on the chosen steps
         out = score(self, *a, **kw)
         if calls["n"] in NAN_STEPS:
-            out.logprobs = [[float("nan")] * len(r) for r in out.logprobs]
+            out.logprobs = [torch.full_like(r, float("nan")) for r in out.logprobs]  # the scorer's type
         calls["n"] += 1
         return out
 

@@ -43,7 +43,16 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3, 4]]
 
 
 def _maxdiff(a: list, b: list) -> float:
-    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+    """Largest |a - b| over per-sample values (tensors or lists, [T] or [T, K])."""
+    f64 = torch.float64
+    return max(
+        float((torch.as_tensor(u, dtype=f64) - torch.as_tensor(v, dtype=f64)).abs().max()) if len(u) else 0.0
+        for u, v in zip(a, b)
+    )
+
+
+def _equal(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +90,10 @@ def test_horizon_truncated_generation(server, models, ref_a):
     H = 6
     res = eng.generate(PROMPTS, n=3, max_new_tokens=H, temperature=1.0, top_p=1.0, seed=0, topk=4)
     res.validate()
+    assert all(
+        r.dtype == torch.long and t.shape == (len(r), 4) for r, t in zip(res.response_ids, res.topk_ids)
+    )
+    assert all(lp.dtype == torch.float32 for lp in res.logprobs)  # RolloutResult's documented types
     assert res.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for r, f in zip(res.response_ids, res.finish_reasons):
         assert 1 <= len(r) <= H
@@ -92,17 +105,15 @@ def test_horizon_truncated_generation(server, models, ref_a):
     # Engine logprobs == fp32 reference logprobs of the same tokens; engine top-K == reference top-K.
     ref = ref_a.score(res.prompt_ids, res.response_ids, topk=4, strategy="teacher")
     assert _maxdiff(res.logprobs, ref.logprobs) <= ATOL
-    assert res.topk_ids == ref.topk_ids
+    assert _equal(res.topk_ids, ref.topk_ids)
     # And directly against a `transformers` forward on the same weights.
     hf = transformers.AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32).eval()
     for i in range(len(res)):
-        seq = torch.tensor([res.prompt_ids[i] + res.response_ids[i]])
+        seq = torch.cat([torch.tensor(res.prompt_ids[i]), res.response_ids[i]])[None]
         with torch.no_grad():
             logits = hf(seq).logits[0, len(res.prompt_ids[i]) - 1 : -1].float()
-        want = (
-            torch.log_softmax(logits, -1).gather(-1, torch.tensor(res.response_ids[i])[:, None]).squeeze(-1)
-        )
-        assert (torch.tensor(res.logprobs[i]) - want).abs().max().item() <= ATOL
+        want = torch.log_softmax(logits, -1).gather(-1, res.response_ids[i][:, None]).squeeze(-1)
+        assert (res.logprobs[i] - want).abs().max().item() <= ATOL
 
 
 def test_logprobs_are_temperature_one_whatever_the_sampling_temperature(server, ref_a):
@@ -127,14 +138,12 @@ def test_teacher_scoring_with_topk(server, ref_a):
         res.prompt_ids, res.response_ids, topk=4, strategy="student", student_topk_ids=res.topk_ids
     )
     assert _maxdiff(got_s.logprobs, want_s.logprobs) <= ATOL
-    assert got_s.topk_ids == res.topk_ids
-    for g, w in zip(got_s.topk_logprobs, want_s.topk_logprobs):
-        assert _maxdiff(g, w) <= ATOL
+    assert _equal(got_s.topk_ids, res.topk_ids)
+    assert _maxdiff(got_s.topk_logprobs, want_s.topk_logprobs) <= ATOL
     want_t = ref_a.score(res.prompt_ids, res.response_ids, topk=4, strategy="teacher")
     got_t = scorer.score(res.prompt_ids, res.response_ids, topk=4, strategy="teacher")
-    assert got_t.topk_ids == want_t.topk_ids
-    for g, w in zip(got_t.topk_logprobs, want_t.topk_logprobs):
-        assert _maxdiff(g, w) <= ATOL
+    assert _equal(got_t.topk_ids, want_t.topk_ids)
+    assert _maxdiff(got_t.topk_logprobs, want_t.topk_logprobs) <= ATOL
 
 
 def test_weight_update_distributed_then_disk(server, models, ref_a, ref_b, tmp_path):

@@ -218,7 +218,7 @@ def test_megatron_logprobs_match_the_sglang_server(results):
     assert sum(map(len, rollouts.response_ids)) >= 16  # enough sampled tokens for the check to mean something
     worst = 0.0
     for i, lps in enumerate(rollouts.logprobs):
-        worst = max(worst, (trainer[i, : len(lps)] - torch.tensor(lps)).abs().max().item())
+        worst = max(worst, (trainer[i, : len(lps)] - torch.as_tensor(lps)).abs().max().item())
     print(f"max |Megatron - SGLang| logprob over {sum(map(len, rollouts.logprobs))} tokens = {worst:.3e}")
     assert worst <= ATOL
 

@@ -59,7 +59,7 @@ def test_position_kl_matches_transformers_and_is_zero_for_self(dirs):
     sums = torch.zeros(T, dtype=torch.float64)
     with torch.no_grad():
         for p, r in zip(ro.prompt_ids, ro.response_ids):
-            ids = torch.tensor([p + r])
+            ids = torch.tensor([p + r.tolist()])
             sl = hs(ids).logits[0, len(p) - 1 : len(p) + len(r) - 1]
             tl = ht(ids).logits[0, len(p) - 1 : len(p) + len(r) - 1]
             kl = torch.nn.functional.kl_div(

@@ -25,10 +25,40 @@ def model_dir(request, tmp_path_factory):
     return make_tiny_hf_model(path, arch=arch, tie_word_embeddings=tie == "tied", seed=3)
 
 
-def _hf_response_logits(hf, prompt: list[int], response: list[int]) -> torch.Tensor:
+def _hf_response_logits(hf, prompt: list[int], response: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        logits = hf(torch.tensor([prompt + response])).logits[0].float()
+        logits = hf(torch.cat([torch.tensor(prompt), response])[None]).logits[0].float()
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Per-sample tensors equal exactly (same count, shapes, dtypes and values)."""
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_generate_returns_per_sequence_cpu_tensors(model_dir):
+    """The documented types of ``RolloutResult`` and ``TeacherScores``: int64 [T] / float32 [T] / int64 [T, K]
+    (and float32 [T, K] for the teacher's top-K logprobs), each owning its storage (not a view of a batch
+    buffer, which would be kept alive and pickled whole)."""
+    eng = EmbeddedEngine.from_hf_dir(model_dir)
+    res = eng.generate(PROMPTS, n=2, max_new_tokens=9, temperature=1.0, top_p=1.0, seed=1, topk=3)
+    res.validate()
+    sc = EmbeddedScorer.from_hf_dir(model_dir, max_tokens_per_batch=30)
+    t = sc.score(res.prompt_ids, res.response_ids, topk=3, strategy="teacher")
+    t.validate(res.response_ids, topk=3)
+    for i, r in enumerate(res.response_ids):
+        T = len(r)
+        assert isinstance(res.prompt_ids[i], list)
+        for x, dtype, shape in (
+            (r, torch.long, (T,)),
+            (res.logprobs[i], torch.float32, (T,)),
+            (res.topk_ids[i], torch.long, (T, 3)),
+            (t.logprobs[i], torch.float32, (T,)),
+            (t.topk_ids[i], torch.long, (T, 3)),
+            (t.topk_logprobs[i], torch.float32, (T, 3)),
+        ):
+            assert x.dtype == dtype and tuple(x.shape) == shape and x.device.type == "cpu"
+            assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
 
 
 def test_generate_logprobs_match_transformers(model_dir):
@@ -41,10 +71,10 @@ def test_generate_logprobs_match_transformers(model_dir):
     assert sum(len(r) for r in res.response_ids) > 20
     for i in range(len(res)):
         lg = _hf_response_logits(hf, res.prompt_ids[i], res.response_ids[i])
-        ref = torch.log_softmax(lg, -1).gather(-1, torch.tensor(res.response_ids[i])[:, None]).squeeze(-1)
-        assert torch.allclose(torch.tensor(res.logprobs[i]), ref, atol=ATOL, rtol=0)
+        ref = torch.log_softmax(lg, -1).gather(-1, res.response_ids[i][:, None]).squeeze(-1)
+        assert torch.allclose(res.logprobs[i], ref, atol=ATOL, rtol=0)
         # Student top-K per position = HF's top-4 (ties are measure-zero with random fp32 weights).
-        assert torch.equal(torch.tensor(res.topk_ids[i]), lg.topk(4, -1).indices)
+        assert torch.equal(res.topk_ids[i], lg.topk(4, -1).indices)
 
 
 def test_teacher_scores_match_transformers(model_dir):
@@ -58,15 +88,22 @@ def test_teacher_scores_match_transformers(model_dir):
     s = sc.score(res.prompt_ids, res.response_ids, topk=3, strategy="student", student_topk_ids=res.topk_ids)
     for i in range(len(res)):
         ref = torch.log_softmax(_hf_response_logits(hf, res.prompt_ids[i], res.response_ids[i]), -1)
-        tgt = torch.tensor(res.response_ids[i])
-        assert torch.allclose(
-            torch.tensor(t.logprobs[i]), ref.gather(-1, tgt[:, None]).squeeze(-1), atol=ATOL
-        )
-        assert torch.equal(torch.tensor(t.topk_ids[i]), ref.topk(3, -1).indices)
-        assert torch.allclose(torch.tensor(t.topk_logprobs[i]), ref.topk(3, -1).values, atol=ATOL)
-        ids = torch.tensor(res.topk_ids[i])
-        assert s.topk_ids[i] == res.topk_ids[i]
-        assert torch.allclose(torch.tensor(s.topk_logprobs[i]), ref.gather(-1, ids), atol=ATOL)
+        tgt = res.response_ids[i]
+        assert torch.allclose(t.logprobs[i], ref.gather(-1, tgt[:, None]).squeeze(-1), atol=ATOL)
+        assert torch.equal(t.topk_ids[i], ref.topk(3, -1).indices)
+        assert torch.allclose(t.topk_logprobs[i], ref.topk(3, -1).values, atol=ATOL)
+        ids = res.topk_ids[i]
+        assert torch.equal(s.topk_ids[i], res.topk_ids[i])
+        assert torch.allclose(s.topk_logprobs[i], ref.gather(-1, ids), atol=ATOL)
+    # Lists in (hand-built requests, tools) score exactly as tensors in.
+    as_lists = sc.score(
+        res.prompt_ids,
+        [r.tolist() for r in res.response_ids],
+        topk=3,
+        strategy="student",
+        student_topk_ids=[x.tolist() for x in res.topk_ids],
+    )
+    assert _equal(as_lists.logprobs, s.logprobs) and _equal(as_lists.topk_logprobs, s.topk_logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +118,8 @@ def test_seeded_sampling_is_reproducible(qwen_dir):
     eng.generate(PROMPTS, seed=99, **kw)  # an unrelated call in between must not matter
     b = eng.generate(PROMPTS, seed=11, **kw)
     c = eng.generate(PROMPTS, seed=12, **kw)
-    assert a.response_ids == b.response_ids and a.logprobs == b.logprobs
-    assert a.response_ids != c.response_ids
+    assert _equal(a.response_ids, b.response_ids) and _equal(a.logprobs, b.logprobs)
+    assert not _equal(a.response_ids, c.response_ids)
 
 
 def test_left_padding_does_not_change_greedy_rollouts(qwen_dir):
@@ -91,8 +128,8 @@ def test_left_padding_does_not_change_greedy_rollouts(qwen_dir):
     batch = eng.generate(PROMPTS, **kw)
     for i, p in enumerate(PROMPTS):
         alone = eng.generate([p], **kw)
-        assert alone.response_ids[0] == batch.response_ids[i]
-        assert torch.allclose(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[i]), atol=1e-5)
+        assert torch.equal(alone.response_ids[0], batch.response_ids[i])
+        assert torch.allclose(alone.logprobs[0], batch.logprobs[i], atol=1e-5)
 
 
 def test_eos_stops_and_length_cuts(qwen_dir):
@@ -101,6 +138,7 @@ def test_eos_stops_and_length_cuts(qwen_dir):
     res = eng.generate([[4] * 3, [7, 8]], n=4, max_new_tokens=6, temperature=1.5, top_p=1.0, seed=2)
     res.validate()
     for r, f in zip(res.response_ids, res.finish_reasons):
+        r = r.tolist()
         if f == "stop":
             assert r[-1] == EOS_ID and EOS_ID not in r[:-1]
         else:
@@ -109,12 +147,14 @@ def test_eos_stops_and_length_cuts(qwen_dir):
     res = never.generate([[4, 5]], n=2, max_new_tokens=5, temperature=1.0, top_p=1.0, seed=2)
     assert res.finish_reasons == ["length", "length"] and all(len(r) == 5 for r in res.response_ids)
     # A forced stop: with EOS = whatever greedy emits first, every greedy row ends at one token with "stop".
-    first = never.generate([[4, 5]], n=1, max_new_tokens=1, temperature=0.0, top_p=1.0, seed=0).response_ids[
-        0
-    ][0]
+    first = (
+        never.generate([[4, 5]], n=1, max_new_tokens=1, temperature=0.0, top_p=1.0, seed=0)
+        .response_ids[0][0]
+        .item()
+    )
     forced = EmbeddedEngine.from_hf_dir(qwen_dir, eos_token_ids=[first])
     res = forced.generate([[4, 5]], n=2, max_new_tokens=5, temperature=0.0, top_p=1.0, seed=0)
-    assert res.finish_reasons == ["stop", "stop"] and res.response_ids == [[first], [first]]
+    assert res.finish_reasons == ["stop", "stop"] and [r.tolist() for r in res.response_ids] == [[first]] * 2
 
 
 def test_rows_dropped_after_eos_keep_exact_logprobs(qwen_dir):
@@ -127,13 +167,14 @@ def test_rows_dropped_after_eos_keep_exact_logprobs(qwen_dir):
     lengths = {len(r) for r, f in zip(res.response_ids, res.finish_reasons) if f == "stop"}
     assert len(lengths) >= 3 and "length" in res.finish_reasons
     for r, f in zip(res.response_ids, res.finish_reasons):
+        r = r.tolist()
         assert (f == "stop") == (r[-1] in stops) and not set(r[:-1]) & set(stops)
     ref = EmbeddedScorer.from_hf_dir(qwen_dir).score(
         res.prompt_ids, res.response_ids, topk=2, strategy="teacher"
     )
     for i in range(len(res)):
-        assert torch.allclose(torch.tensor(res.logprobs[i]), torch.tensor(ref.logprobs[i]), atol=1e-5)
-        assert res.topk_ids[i] == ref.topk_ids[i]
+        assert torch.allclose(res.logprobs[i], ref.logprobs[i], atol=1e-5)
+        assert torch.equal(res.topk_ids[i], ref.topk_ids[i])
 
 
 def test_logprobs_are_temperature_one(qwen_dir):
@@ -141,14 +182,14 @@ def test_logprobs_are_temperature_one(qwen_dir):
     res = eng.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=0)
     ref = EmbeddedScorer.from_hf_dir(qwen_dir).score(res.prompt_ids, res.response_ids)
     for got, want in zip(res.logprobs, ref.logprobs):
-        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_tiny_top_p_is_greedy(qwen_dir):
     eng = EmbeddedEngine.from_hf_dir(qwen_dir, eos_token_ids=[])
     greedy = eng.generate(PROMPTS, n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
     nucleus = eng.generate(PROMPTS, n=1, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=4)
-    assert greedy.response_ids == nucleus.response_ids
+    assert _equal(greedy.response_ids, nucleus.response_ids)
 
 
 def test_padded_vocabulary_rows_are_never_sampled(qwen_dir):
@@ -156,9 +197,9 @@ def test_padded_vocabulary_rows_are_never_sampled(qwen_dir):
     # Make the padded rows (ids >= 40) dominate: if they were not sliced off they would be sampled every time.
     eng.decoder.params["lm_head.weight"][40:] *= 50.0
     res = eng.generate(PROMPTS, n=4, max_new_tokens=10, temperature=1.0, top_p=1.0, seed=1, topk=5)
-    assert max(max(r) for r in res.response_ids) < 40
-    assert max(max(max(k) for k in r) for r in res.topk_ids) < 40
-    assert all(lp <= 0.0 for r in res.logprobs for lp in r)
+    assert max(int(r.max()) for r in res.response_ids) < 40
+    assert max(int(r.max()) for r in res.topk_ids) < 40
+    assert all(bool((r <= 0.0).all()) for r in res.logprobs)
 
 
 def test_update_weights_in_memory(qwen_dir, tmp_path):
@@ -172,8 +213,8 @@ def test_update_weights_in_memory(qwen_dir, tmp_path):
     secs = eng.update_weights(buckets)
     assert secs >= 0.0
     after, want = eng.generate(PROMPTS, **kw), target.generate(PROMPTS, **kw)
-    assert after.response_ids == want.response_ids and after.logprobs == want.logprobs
-    assert after.logprobs != before.logprobs
+    assert _equal(after.response_ids, want.response_ids) and _equal(after.logprobs, want.logprobs)
+    assert not _equal(after.logprobs, before.logprobs)
     with pytest.raises(KeyError, match="unexpected weight"):
         eng.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
 

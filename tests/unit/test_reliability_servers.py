@@ -116,7 +116,7 @@ def test_transient_errors_are_absorbed_and_the_batch_is_whole():
     with _Server(flaky) as srv:
         engine = SGLangEngine(SGLangClient([srv.url], max_concurrency=1, max_retries=2, backoff_s=0.01))
         res = engine.generate([[1, 2], [3]], n=2, max_new_tokens=3, temperature=1.0, top_p=1.0, seed=0)
-    assert res.response_ids == [[7, 8, 9]] * 4 and res.prompt_index == [0, 0, 1, 1]
+    assert [r.tolist() for r in res.response_ids] == [[7, 8, 9]] * 4 and res.prompt_index == [0, 0, 1, 1]
 
 
 def test_a_request_that_keeps_failing_fails_the_whole_batch():

@@ -3,9 +3,11 @@ no server (the SGLang paths against a real server are in tests/e2e/test_sglang_e
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
+import torch
 
 from megatron_opd.config.tree import RolloutConfig, TeacherConfig
 from megatron_opd.rollout.embedded import EmbeddedEngine
@@ -39,6 +41,18 @@ def test_plan_runs_covers_positions_with_bounded_unions():
 def test_result_validate_rejects_corrupted_batches():
     ok = RolloutResult([0], [[1]], [[2, 3]], [[-0.1, -0.2]], ["length"], [[[2], [3]]])
     ok.validate()
+    # The engines' types: int64 [T] ids, float32 [T] logprobs, int64 [T, K] top-K; a wrong dtype or shape is refused.
+    ids, lps, top = torch.tensor([2, 3]), torch.tensor([-0.1, -0.2]), torch.tensor([[2, 4], [3, 5]])
+    RolloutResult([0], [[1]], [ids], [lps], ["stop"], [top]).validate()
+    for bad, match in (
+        (dict(logprobs=[lps.double()]), "float64"),
+        (dict(logprobs=[lps[:1]]), r"logprobs is torch.float32 \(1,\)"),
+        (dict(response_ids=[ids.int()]), "response_ids is torch.int32"),
+        (dict(topk_ids=[top[:, 0]]), r"top-K ids is torch.int64 \(2,\), expected torch.int64 \(2, K\)"),
+    ):
+        fields = dict(response_ids=[ids], logprobs=[lps], topk_ids=[top]) | bad
+        with pytest.raises(RolloutError, match=match):
+            RolloutResult([0], [[1]], finish_reasons=["stop"], **fields).validate()
     with pytest.raises(RolloutError, match="logprobs"):
         RolloutResult([0], [[1]], [[2, 3]], [[-0.1]], ["length"]).validate()
     with pytest.raises(RolloutError, match="finish reason"):
@@ -55,7 +69,9 @@ def test_parse_generation_refuses_aborted_or_inconsistent_answers():
             "output_token_logprobs": [[-1.0, 4, None], [-2.0, 0, None]],
         },
     }
-    assert parse_generation(good, 5, 0) == ([4, 0], [-1.0, -2.0], "stop", [])
+    ids, lps, kind, tks = parse_generation(good, 5, 0)
+    assert ids.dtype == torch.long and ids.tolist() == [4, 0] and kind == "stop" and tks is None
+    assert lps.dtype == torch.float32 and lps.tolist() == [-1.0, -2.0]
     aborted = {"meta_info": {"finish_reason": {"type": "abort", "message": "x"}, "output_token_logprobs": []}}
     with pytest.raises(RolloutError, match="abort"):
         parse_generation(aborted, 5, 0)
@@ -64,6 +80,91 @@ def test_parse_generation_refuses_aborted_or_inconsistent_answers():
         parse_generation(short, 5, 0)
     with pytest.raises(RolloutError, match="top logprobs"):
         parse_generation(good, 5, 2)
+
+
+def _old_parse_generation(out: dict, want_topk: int) -> tuple[list, list, list]:
+    """The per-token parse the engine used before it returned tensors (the specification of its values)."""
+    meta = out["meta_info"]
+    ids = [int(e[1]) for e in meta["output_token_logprobs"]]
+    lps = [float(e[0]) for e in meta["output_token_logprobs"]]
+    tks = [[int(e[1]) for e in t[:want_topk]] for t in meta.get("output_top_logprobs") or []]
+    return ids, lps, tks
+
+
+def test_parse_generation_gives_the_values_of_the_per_token_parse():
+    """The vectorised parse equals the old per-token one (logprobs as float32: what the hand-over made of the
+    Python floats), on a JSON round-tripped answer with top logprobs wider than asked."""
+    rng = random.Random(1)
+    T, K = 37, 4
+    entries = [[-rng.random() * 9, rng.randrange(150_000), None] for _ in range(T)]
+    tops = [[[-rng.random() * 9, rng.randrange(150_000), None] for _ in range(K + 2)] for _ in range(T)]
+    out = json.loads(
+        json.dumps(
+            {
+                "output_ids": [e[1] for e in entries],
+                "meta_info": {
+                    "finish_reason": {"type": "length"},
+                    "output_token_logprobs": entries,
+                    "output_top_logprobs": tops,
+                },
+            }
+        )
+    )
+    ids, lps, kind, tks = parse_generation(out, T, K)
+    old_ids, old_lps, old_tks = _old_parse_generation(out, K)
+    assert kind == "length"
+    assert ids.dtype == torch.long and ids.shape == (T,) and ids.tolist() == old_ids
+    assert lps.dtype == torch.float32 and torch.equal(lps, torch.tensor(old_lps, dtype=torch.float32))
+    assert tks.dtype == torch.long and tks.shape == (T, K) and tks.tolist() == old_tks
+    assert not torch.equal(
+        lps.double(), torch.tensor(old_lps, dtype=torch.float64)
+    )  # float32, not the JSON's float64
+    with pytest.raises(RolloutError, match="null or NaN logprob at position 3"):
+        out["meta_info"]["output_token_logprobs"][3][0] = None
+        parse_generation(out, T, 0)
+    with pytest.raises(RolloutError, match="malformed logprob entry"):
+        out["meta_info"]["output_token_logprobs"][3] = [-1.0]
+        parse_generation(out, T, 0)
+
+
+def test_map_parses_each_answer_in_the_worker_thread_that_received_it():
+    """``SGLangClient.map(parse=...)`` converts each answer where it arrives (overlapped with the other requests),
+    not on the caller's thread after the whole batch."""
+    import threading
+
+    from tests.unit.test_reliability_servers import _ok, _Server
+
+    with _Server(lambda i, p: _ok(p)) as srv:
+        client = SGLangClient([srv.url], max_concurrency=3)
+        payloads = [{"input_ids": [i], "sampling_params": {"max_new_tokens": 2}} for i in range(6)]
+        got = client.map("/generate", payloads, parse=lambda i, out: (i, threading.current_thread().name))
+    assert [i for i, _ in got] == list(range(6))
+    assert all(name.startswith("sglang") for _, name in got)
+    assert threading.current_thread().name not in {name for _, name in got}
+
+
+def test_sglang_engine_returns_per_sequence_tensors():
+    """``RolloutResult``'s documented types from the SGLang engine (a stand-in server answering in SGLang's
+    format): int64 [T] ids, float32 [T] logprobs, int64 [T, K] top-K, prompts as lists."""
+    from megatron_opd.rollout.sglang_engine import SGLangEngine
+    from tests.unit.test_reliability_servers import _generate_answer, _Server
+
+    def answer(i, payload):
+        out = _generate_answer(payload)
+        K = payload["top_logprobs_num"]
+        meta = out["meta_info"]
+        meta["output_top_logprobs"] = [[[-0.5 - k, t + k, None] for k in range(K)] for t in out["output_ids"]]
+        return 200, "application/json", json.dumps(out)
+
+    with _Server(answer) as srv:
+        res = SGLangEngine(SGLangClient([srv.url])).generate(
+            [[1, 2], [3]], n=2, max_new_tokens=3, temperature=1.0, top_p=1.0, seed=0, topk=2
+        )
+    assert res.prompt_ids == [[1, 2], [1, 2], [3], [3]]
+    for r, lp, tk in zip(res.response_ids, res.logprobs, res.topk_ids):
+        assert r.dtype == torch.long and r.tolist() == [7, 8, 9]
+        assert lp.dtype == torch.float32 and lp.tolist() == [-1.0] * 3
+        assert tk.dtype == torch.long and tk.tolist() == [[7, 8], [8, 9], [9, 10]]
 
 
 def test_client_names_the_unreachable_url_after_retries():
@@ -103,7 +204,8 @@ def test_score_request_checks(tmp_path):
         sc.score([[1, 2]], [[3, 4]], topk=2, strategy="student", student_topk_ids=[[[5, 6]]])
     with pytest.raises(ValueError, match="empty prompt"):
         sc.score([[]], [[3]])
-    assert sc.score([[1, 2]], [[]]).logprobs == [[]]
+    empty = sc.score([[1, 2]], [[]])
+    assert len(empty.logprobs) == 1 and empty.logprobs[0].shape == (0,)
 
 
 def test_embedded_engine_placement(tmp_path):
