@@ -82,23 +82,40 @@ def student_topk(t: int) -> torch.Tensor:
 
 
 class CountingClient:
-    """An ``SGLangClient`` whose ``map`` counts requests and JSON bytes each way (the bench's only wrapper)."""
+    """An ``SGLangClient`` whose ``map`` counts requests and JSON bytes each way (the bench's only wrapper).
+
+    Bytes are counted only while ``counting`` is set (the warm-up call): serialising a response again to count
+    it costs time that the timed calls must not include."""
 
     def __init__(self, client) -> None:
-        self._c, self.requests, self.bytes = client, 0, 0
+        self._c, self.requests, self.bytes, self.counting = client, 0, 0, True
 
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def map(self, path, payloads):
-        outs = self._c.map(path, payloads)
+    def map(self, path, payloads, parse=None):
+        if not self.counting:
+            return self._c.map(path, payloads, parse=parse)
+        sizes = [0] * len(payloads)
+
+        def counted(i, response):
+            sizes[i] = len(json.dumps(response))  # the raw answer, before the scorer parses it into arrays
+            return response if parse is None else parse(i, response)
+
+        outs = self._c.map(path, payloads, parse=counted)
         self.requests += len(payloads)
-        self.bytes += sum(len(json.dumps(p)) for p in payloads) + sum(len(json.dumps(o)) for o in outs)
+        self.bytes += sum(len(json.dumps(p)) for p in payloads) + sum(sizes)
         return outs
 
 
-def _timed(fn, reps: int) -> float:
-    fn()  # warm-up: radix cache / allocator / first-call costs are not counted
+def _timed(fn, reps: int, client: CountingClient | None = None) -> float:
+    """Median seconds of ``reps`` calls after one warm-up (radix cache / allocator / first-call costs are not
+    counted); a ``client`` counts requests and bytes during the warm-up only."""
+    if client is not None:
+        client.counting = True
+    fn()
+    if client is not None:
+        client.counting = False
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -134,9 +151,8 @@ def sglang_rows(model_dir: str, ts: list[int], reps: int, threads: int) -> dict[
             }
             for name, kw in cases.items():
                 client.requests = client.bytes = 0
-                secs = _timed(partial(scorer.score, [prompt], [resp], **kw), reps)
-                calls = reps + 1
-                out[(name, t)] = dict(s=secs, requests=client.requests / calls, bytes=client.bytes / calls)
+                secs = _timed(partial(scorer.score, [prompt], [resp], **kw), reps, client)
+                out[(name, t)] = dict(s=secs, requests=client.requests, bytes=client.bytes)  # one sample
                 print(f"  {name:18s} T={t:5d}  {secs:8.2f} s  {out[(name, t)]['requests']:6.0f} requests")
     finally:
         srv.stop()
