@@ -95,6 +95,7 @@ $(TRL_STAMP): requirements/trl.txt
 
 bench-peers: setup trl-env
 	OMP_NUM_THREADS=1 $(VPY) benchmarks/bench_peers.py --out benchmarks/results/$$(date +%F)-peers-cpu.md
+	OMP_NUM_THREADS=1 $(VPY) benchmarks/bench_peers.py --cores 2 --out benchmarks/results/$$(date +%F)-peers-2cores-cpu.md
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -21,9 +21,17 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-if [[ "$HAS_CUDA" == 1 ]]; then NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}; else NPROC_PER_NODE=${NPROC_PER_NODE:-1}; fi
-
 ARGS=("$@")
+if [[ "$HAS_CUDA" == 1 ]]; then
+  NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}
+elif [[ ${#ARGS[@]} -eq 0 ]]; then
+  # The CPU main job: one single-threaded data-parallel rank per core, up to 2 (each generates its own share
+  # of the step with its own engine, rollout.engine_ranks data_parallel in cpu_toy.yaml).
+  CORES=$(nproc 2>/dev/null || echo 1)
+  NPROC_PER_NODE=${NPROC_PER_NODE:-$(( CORES >= 2 ? 2 : 1 ))}
+else
+  NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+fi
 if [[ ${#ARGS[@]} -eq 0 ]]; then
   if [[ "$HAS_CUDA" == 1 ]]; then
     echo "usage: $0 --config CONFIG.yaml [--section.field value ...]   (configs: examples/configs/paper/)" >&2
@@ -43,7 +51,8 @@ PY
 )"
   ARGS=(--config examples/configs/cpu_toy.yaml
         --model.hf_path "$TOY_STUDENT" --teacher.hf_path "$TOY_TEACHER"
-        --train.data_path "$TOY_TRAIN" --eval.datasets "$TOY_EVAL")
+        --train.data_path "$TOY_TRAIN" --eval.datasets "$TOY_EVAL"
+        --train.micro_batch_size $(( 64 / NPROC_PER_NODE )))  # each rank's 64 / DP rollouts in one micro-batch
   echo "== CPU main job: distilling (POPD) =="
 fi
 
