@@ -48,7 +48,14 @@ from megatron_opd.teacher.vocab import check_teacher_student_vocab
 from megatron_opd.training import checkpoint as ckpt
 from megatron_opd.training.batch import OPDBatch
 from megatron_opd.training.handover import HandoverGroups, hand_over
-from megatron_opd.training.local_rollouts import hand_over_local, local_share, replica_leaders, replica_seed
+from megatron_opd.training.local_rollouts import (
+    hand_over_local,
+    local_share,
+    merge_rollout_stats,
+    raw_rollout_stats,
+    replica_leaders,
+    replica_seed,
+)
 from megatron_opd.training.logger import RunLogger
 from megatron_opd.training.optimizer import TrainingObjects, setup_training
 from megatron_opd.training.preflight import check_run_inputs
@@ -422,39 +429,20 @@ def make_micro_batches(
     """Hand rank 0's scored rollouts over as tensors (``scores`` None: the step scores, teacher.backend
     'megatron'), or each replica's own (``local_engines``); return this rank's micro-batches and the step's
     rollout statistics."""
+    common = dict(micro_batch_size=run.cfg.train.micro_batch_size, pad_id=run.tokenizer.pad_token_id or 0)
+    groups = HandoverGroups.from_mpu()
     if run.local_engines:
+        leader_rank = run.leader_ranks[run.info.dp_rank]
         return hand_over_local(
-            rollouts,
-            scores,
-            window,
-            HandoverGroups.from_mpu(),
-            micro_batch_size=run.cfg.train.micro_batch_size,
-            pad_id=run.tokenizer.pad_token_id or 0,
-            leader=run.rollout_leader,
-            leader_rank=run.leader_ranks[run.info.dp_rank],
+            rollouts, scores, window, groups, leader=run.rollout_leader, leader_rank=leader_rank, **common
         )
-    return hand_over(
-        rollouts,
-        scores,
-        window,
-        HandoverGroups.from_mpu(),
-        micro_batch_size=run.cfg.train.micro_batch_size,
-        pad_id=run.tokenizer.pad_token_id or 0,
-        extra=rollout_stats(rollouts, window) if run.is_controller else None,
-    )
+    extra = rollout_stats(rollouts, window) if run.is_controller else None
+    return hand_over(rollouts, scores, window, groups, extra=extra, **common)
 
 
 def rollout_stats(rollouts: RolloutResult, window: HorizonWindow) -> dict[str, float]:
     """Response lengths and how often the horizon (rather than EOS) ended a response."""
-    lengths = [len(r) for r in rollouts.response_ids]
-    cut = sum(reason == "length" for reason in rollouts.finish_reasons)
-    return {
-        "rollout/response_length_mean": sum(lengths) / max(len(lengths), 1),
-        "rollout/response_length_max": float(max(lengths, default=0)),
-        "rollout/truncation_rate": cut / max(len(lengths), 1),
-        "rollout/generated_tokens": float(sum(lengths)),
-        "rollout/distilled_window": float(window.length),
-    }
+    return merge_rollout_stats([raw_rollout_stats(rollouts)], window)
 
 
 def observe_horizon(run: Run, step: int, result: StepResult) -> None:
