@@ -269,23 +269,29 @@ def _build(rollouts, scores, window, plan, lengths, K, pad_id) -> tuple[list[tor
     return flats, batches
 
 
-def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0, key: str = _KEY) -> int:
-    """Block (outside any collective) until rank 0 has posted this rank's next hand-over; returns its number.
+def wait_for_count(store: dist.Store, key: str, target: int, *, heartbeat_s: float, what: str) -> None:
+    """Block (outside any collective) until the store's counter ``key`` reaches ``target``.
 
-    Polls the store's ``posted`` counter with a sleep growing from 1 ms to 50 ms, logging every
-    ``heartbeat_s`` seconds so a long rollout phase shows up in the logs as waiting, not as a hang. ``key``
-    names the counters: another poster (a data-parallel rank's own engine) uses its own.
+    Polls with a sleep growing from 1 ms to 50 ms, logging ``what`` every ``heartbeat_s`` seconds, so a long
+    rollout (or evaluation) phase elsewhere shows up in the logs as waiting, not as a hang.
     """
-    n = store.add(f"{key}/taken/{rank}", 1)
     t0 = last = time.monotonic()
     sleep = _POLL_MIN_S
-    while store.add(f"{key}/posted", 0) < n:
+    while store.add(key, 0) < target:
         time.sleep(sleep)
         sleep = min(2 * sleep, _POLL_MAX_S)
         now = time.monotonic()
         if now - last >= heartbeat_s:
-            logger.info("rank %d: waiting %.0f s for rank 0's rollouts (hand-over %d)", rank, now - t0, n)
+            logger.info("waiting %.0f s for %s", now - t0, what)
             last = now
+
+
+def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0, key: str = _KEY) -> int:
+    """Block (outside any collective) until rank 0 has posted this rank's next hand-over; returns its number.
+    ``key`` names the counters (``wait_for_count`` polls the ``posted`` one)."""
+    n = store.add(f"{key}/taken/{rank}", 1)
+    what = f"rank 0's rollouts (rank {rank}, hand-over {n})"
+    wait_for_count(store, f"{key}/posted", n, heartbeat_s=heartbeat_s, what=what)
     return n
 
 

@@ -9,10 +9,12 @@ engine, for the embedded engine (SGLang servers already serve every rank's reque
 
 One step, on every rank:
 
-1. the leader generates, scores and builds its micro-batches (``handover.build_micro_batches``); its TP/PP peers
-   wait on the store for it (outside any collective, as in ``handover``), under a key of their own leader;
-2. one ``all_gather_object`` over the world of each leader's raw statistics and error message (small), so every
-   rank raises together if any replica failed, and the step's statistics cover all replicas;
+1. the leader generates, scores and builds its micro-batches (as ``handover._build``), then posts its raw
+   statistics and error message (a few numbers, or a string) to the store;
+2. every rank waits on the store (outside any collective, as in ``handover``) until every replica's leader has
+   posted, then reads them all: every rank raises together if any replica failed, and the step's statistics
+   cover all replicas. No collective is entered before that, so neither a slow replica nor rank 0's evaluation
+   between two steps can run into a collective timeout;
 3. inside each replica, the leader broadcasts a header, the [b, 2] lengths and the flat buffers down its
    pipeline group, then each stage's TP = CP rank 0 inside its TP x CP group (as ``handover`` does).
 
@@ -23,7 +25,7 @@ prompts, ``n`` samples each, grouped by prompt), so the objective is the same; o
 
 from __future__ import annotations
 
-from typing import Any
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -40,8 +42,7 @@ from megatron_opd.training.handover import (
     _check_scored,
     _lengths,
     _plan,
-    _post,
-    wait_for_controller,
+    wait_for_count,
 )
 from megatron_opd.utils.seeding import derive_seed
 
@@ -50,7 +51,6 @@ __all__ = [
     "local_share",
     "merge_rollout_stats",
     "raw_rollout_stats",
-    "replica_leaders",
     "replica_seed",
 ]
 
@@ -95,15 +95,6 @@ def merge_rollout_stats(parts: list[dict[str, float]], window: HorizonWindow) ->
     }
 
 
-def replica_leaders(dp_rank: int, is_leader: bool) -> dict[int, int]:
-    """{data-parallel rank: global rank of its replica's leader}, from one small all-gather (at set-up)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return {dp_rank: 0}
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (dp_rank, is_leader))
-    return {d: r for r, (d, lead) in enumerate(parts) if lead}
-
-
 def hand_over_local(
     rollouts: RolloutResult | None,
     scores: TeacherScores | None,
@@ -113,14 +104,14 @@ def hand_over_local(
     micro_batch_size: int,
     pad_id: int = 0,
     leader: bool,
-    leader_rank: int,
     heartbeat_s: float = 60.0,
 ) -> tuple[list[OPDBatch], dict[str, float]]:
     """This rank's micro-batches of its replica's own rollouts, and the step's rollout statistics.
 
     A replica's leader (``leader``) passes its share's ``rollouts`` and ``scores`` (None when the step scores:
-    teacher.backend 'megatron'); its other ranks pass None and wait for ``leader_rank`` on the store. Micro-batch
-    shapes: tokens [b, L] int64, teacher_logprobs [b, R] fp32, top-K [b, R, K], as ``handover``.
+    teacher.backend 'megatron'); its other ranks pass None. Every rank waits on the store until every leader has
+    posted (module doc). Micro-batch shapes: tokens [b, L] int64, teacher_logprobs [b, R] fp32, top-K
+    [b, R, K], as ``handover``.
     """
     multi = dist.is_initialized() and dist.get_world_size() > 1
     failure: Exception | None = None
@@ -146,26 +137,29 @@ def hand_over_local(
             raise failure
         return batches, merge_rollout_stats([raw], window)
 
-    in_replica = groups.pp is not None or groups.tp_cp is not None
     store = dist.distributed_c10d._get_default_store()
-    key = f"{_KEY}/{leader_rank}"
-    if in_replica:
-        if leader:
-            _post(store, key)
-        else:
-            wait_for_controller(store, dist.get_rank(), heartbeat_s=heartbeat_s, key=key)
-
-    # every replica's statistics and error, everywhere (a few numbers and strings)
-    message = None if failure is None else f"{type(failure).__name__}: {failure}"
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (raw, message) if leader else None)
-    errors = [(r, p[1]) for r, p in enumerate(parts) if p is not None and p[1] is not None]
+    n = store.add(f"{_KEY}/taken/{dist.get_rank()}", 1)  # this hand-over's number, the same on every rank
+    step_key = f"{_KEY}/{n}"
+    if leader:
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        store.set(f"{step_key}/{groups.dp_rank}", pickle.dumps((raw, message)))
+        store.add(f"{step_key}/posted", 1)
+    what = f"every data-parallel replica's rollouts (hand-over {n})"
+    wait_for_count(store, f"{step_key}/posted", groups.dp_size, heartbeat_s=heartbeat_s, what=what)
+    parts = [pickle.loads(store.get(f"{step_key}/{d}")) for d in range(groups.dp_size)]
+    if dist.get_rank() == 0 and n > 1:
+        # Every rank has read hand-over n - 1: each leader posted n only after its step n - 1, whose gradient
+        # all-reduce every rank joins after reading n - 1. Its keys can go.
+        for d in range(groups.dp_size):
+            store.delete_key(f"{_KEY}/{n - 1}/{d}")
+        store.delete_key(f"{_KEY}/{n - 1}/posted")
     if failure is not None:
         raise failure
+    errors = [(d, msg) for d, (_, msg) in enumerate(parts) if msg is not None]
     if errors:
-        rank, msg = errors[0]
-        raise RuntimeError(f"local hand-over: rank {rank} could not build its replica's batch: {msg}")
-    stats = merge_rollout_stats([p[0] for p in parts if p is not None], window)
+        d, msg = errors[0]
+        raise RuntimeError(f"local hand-over: data-parallel replica {d} could not build its batch: {msg}")
+    stats = merge_rollout_stats([raw_part for raw_part, _ in parts], window)
 
     for group in (groups.pp, groups.tp_cp):
         if group is None:

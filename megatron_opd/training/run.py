@@ -53,7 +53,6 @@ from megatron_opd.training.local_rollouts import (
     local_share,
     merge_rollout_stats,
     raw_rollout_stats,
-    replica_leaders,
     replica_seed,
 )
 from megatron_opd.training.logger import RunLogger
@@ -95,12 +94,8 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     servers: list[Any] = field(default_factory=list)  # SGLang servers this run launched (rank 0)
     weight_sync: TrainerWeightSync | None = None  # every rank: its part in sending weights to the engine
-    rollout_leader: bool = (
-        False  # this rank drives a rollout engine (and the teacher unless it is in the step)
-    )
-    leader_ranks: dict[int, int] = field(
-        default_factory=dict
-    )  # data_parallel engines: dp rank -> leader rank
+    # this rank drives a rollout engine (and the teacher unless it is in the step)
+    rollout_leader: bool = False
 
     @property
     def is_controller(self) -> bool:
@@ -180,7 +175,6 @@ def setup_run(cfg: OPDConfig) -> Run:
     run.rollout_leader = info.rank == 0
     if run.local_engines:
         run.rollout_leader = info.tp_rank == info.pp_rank == mpu.get_context_parallel_rank() == 0
-        run.leader_ranks = replica_leaders(info.dp_rank, run.rollout_leader)
     if run.rollout_leader:
         _build_engines(run)
     if info.rank == 0:
@@ -432,10 +426,7 @@ def make_micro_batches(
     common = dict(micro_batch_size=run.cfg.train.micro_batch_size, pad_id=run.tokenizer.pad_token_id or 0)
     groups = HandoverGroups.from_mpu()
     if run.local_engines:
-        leader_rank = run.leader_ranks[run.info.dp_rank]
-        return hand_over_local(
-            rollouts, scores, window, groups, leader=run.rollout_leader, leader_rank=leader_rank, **common
-        )
+        return hand_over_local(rollouts, scores, window, groups, leader=run.rollout_leader, **common)
     extra = rollout_stats(rollouts, window) if run.is_controller else None
     return hand_over(rollouts, scores, window, groups, extra=extra, **common)
 
