@@ -310,6 +310,11 @@ class TwoModelTerms(torch.autograd.Function):
         return (grad_h, grad_w) + (None,) * 13
 
 
+def _real_rows(weight: torch.Tensor, vocab_size: int | None, vocab_start: int) -> int:
+    """How many of this shard's rows [V/tp] are real ids (< ``vocab_size``); the rest are embedding padding."""
+    return weight.shape[0] if vocab_size is None else min(max(vocab_size - vocab_start, 0), weight.shape[0])
+
+
 def _operand(x: torch.Tensor) -> torch.Tensor:
     """GEMM operand: half tensors stay half on CUDA (tensor cores); on CPU upcast once, not per tile."""
     return x if x.is_cuda else x.float()
@@ -372,7 +377,7 @@ def two_model_terms(
     impl = resolve_impl(impl, hidden.device)  # type: ignore[arg-type]
     if fp8 and impl == "reference":
         raise ValueError("fp8 is a property of the tiled paths; use impl='chunked', 'triton' or 'auto'")
-    real = weight.shape[0] if vocab_size is None else min(max(vocab_size - vocab_start, 0), weight.shape[0])
+    real = _real_rows(weight, vocab_size, vocab_start)
     if impl == "reference":
         zs = torch.mm(hidden.float(), weight.float().t())
         zt = torch.mm(teacher_hidden.detach().float(), teacher_weight.detach().float().t())
@@ -435,7 +440,7 @@ def model_scores(
         raise ValueError("model_scores is tiled; use impl 'chunked', 'triton' or 'auto'")
     if ids is not None and (ids.dim() != 2 or ids.shape[0] != hidden.shape[0]):
         raise ValueError(f"ids [N, K] expected for N = {hidden.shape[0]}, got {tuple(ids.shape)}")
-    real = weight.shape[0] if vocab_size is None else min(max(vocab_size - vocab_start, 0), weight.shape[0])
+    real = _real_rows(weight, vocab_size, vocab_start)
     h, w = _operand(hidden), _operand(weight[:real])
     own = ids is None and topk > 0
     parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []

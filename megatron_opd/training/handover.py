@@ -286,17 +286,16 @@ def wait_for_count(store: dist.Store, key: str, target: int, *, heartbeat_s: flo
             last = now
 
 
-def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0, key: str = _KEY) -> int:
-    """Block (outside any collective) until rank 0 has posted this rank's next hand-over; returns its number.
-    ``key`` names the counters (``wait_for_count`` polls the ``posted`` one)."""
-    n = store.add(f"{key}/taken/{rank}", 1)
+def wait_for_controller(store: dist.Store, rank: int, *, heartbeat_s: float = 60.0) -> int:
+    """Block (outside any collective) until rank 0 has posted this rank's next hand-over; returns its number."""
+    n = store.add(f"{_KEY}/taken/{rank}", 1)
     what = f"rank 0's rollouts (rank {rank}, hand-over {n})"
-    wait_for_count(store, f"{key}/posted", n, heartbeat_s=heartbeat_s, what=what)
+    wait_for_count(store, f"{_KEY}/posted", n, heartbeat_s=heartbeat_s, what=what)
     return n
 
 
-def _post(store: dist.Store, key: str = _KEY) -> None:
-    store.add(f"{key}/posted", 1)
+def _post(store: dist.Store) -> None:
+    store.add(f"{_KEY}/posted", 1)
 
 
 def _broadcast(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:

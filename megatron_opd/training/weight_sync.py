@@ -221,13 +221,13 @@ class TrainerWeightSync:
                     self.engine.update_weights(bucket)
                     sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 return sent
-            return self._send_to_controller(buckets)
+            return self._send_to_receiver(buckets)
         finally:
             # After a failure the TP peers are still gathering: finish the walk so they are not left waiting.
             for _ in buckets:
                 pass
 
-    def _send_to_controller(self, buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> int:
+    def _send_to_receiver(self, buckets: Iterator[list[tuple[str, torch.Tensor]]]) -> int:
         receiver = self.stage_senders[0]  # the first stage of this sender's pipeline group holds the engine
         sent = 0
         for bucket in buckets:
