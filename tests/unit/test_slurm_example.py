@@ -67,8 +67,11 @@ def test_teacher_servers_get_their_own_node(tmp_path):
         TEACHER_TP="2",
     )
     assert rc == 0, out
-    assert "--nodelist=n1" in steps[1] and "/models/teacher" in steps[1]
-    trainer = steps[-1]
+    # The two server steps start in the background, so they reach the log in either order: find them by model.
+    servers, trainer = steps[:-1], steps[-1]
+    (student,) = [s for s in servers if "/models/student" in s]
+    (teacher,) = [s for s in servers if "/models/teacher" in s]
+    assert "--nodelist=n0" in student and "--nodelist=n1" in teacher and len(steps) == 3
     assert "--nodelist=n2,n3" in trainer
     urls = ",".join(f"http://n1:{30000 + g}" for g in range(0, 8, 2))
     assert f"--teacher.backend sglang --teacher.sglang_urls {urls}" in trainer
