@@ -110,15 +110,35 @@ class KVCache:
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # HF computes the norm in fp32 and casts back before the weight multiply; match it for bf16 parity.
+    # HF computes the norm in fp32 and casts back before the weight multiply; match it for bf16 parity. In fp32
+    # that is torch's own rms_norm (bit-identical, a few dispatcher calls fewer per token).
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin`` with the sign of ``rotate_half`` folded into ``sin_signed``
+    ([-sin | sin] halves): the half swap is one ``flip`` of a [..., 2, D/2] view. x [..., D], cos/sin broadcastable."""
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin_signed
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one new query per row over the cache, grouped-query heads sharing their key/value head.
+
+    q [B, 1, H, D]; k, v [B, Hkv, S, D] (views of the cache); bias [B * Hkv, H / Hkv, S] additive mask -> [B, 1, H * D].
+    Query head h reads key/value head h // (H / Hkv), as HF's ``repeat_kv`` pairs them.
+    """
+    B, _, H, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B * Hkv, H // Hkv, D)
+    scores = torch.baddbmm(bias, qg, k.reshape(B * Hkv, S, D).transpose(1, 2), alpha=D**-0.5)
+    out = torch.bmm(torch.softmax(scores, -1), v.reshape(B * Hkv, S, D))  # [B * Hkv, G, D]
+    return out.reshape(B, 1, H * D)
 
 
 class Decoder:
@@ -133,6 +153,7 @@ class Decoder:
         self._fuse()
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self._inv_freq = inv.to(self.device)
+        self._rope_cos = self._rope_sin = torch.empty(0, cfg.head_dim, dtype=self.dtype, device=self.device)
 
     @classmethod
     def from_hf_dir(
@@ -207,9 +228,19 @@ class Decoder:
         return len(seen)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self._inv_freq  # [B, L, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [B, 1, L, D]
+        """cos and sign-folded sin (``_apply_rope``) at ``positions`` [B, L] -> [B, L, 1, D] each.
+
+        Rows of a table over positions [0, P), grown on demand: HF's fp32 ``position * inv_freq`` for an integer
+        position is the same number whichever tensor it is computed in, so the table is bit-identical to computing
+        the angles per call, and a decode step gathers two rows instead of recomputing them.
+        """
+        need = int(positions.max()) + 1
+        if need > self._rope_cos.shape[0]:
+            n = max(need, 2 * self._rope_cos.shape[0], 128)
+            freqs = torch.arange(n, dtype=torch.float32, device=self.device)[:, None] * self._inv_freq
+            self._rope_cos = torch.cat((freqs, freqs), -1).cos().to(self.dtype)
+            self._rope_sin = torch.cat((-freqs.sin(), freqs.sin()), -1).to(self.dtype)
+        return self._rope_cos[positions].unsqueeze(2), self._rope_sin[positions].unsqueeze(2)
 
     @torch.no_grad()
     def forward(
@@ -228,20 +259,24 @@ class Decoder:
         (S = L without a cache): which keys exist. With a cache, the new keys/values are written at
         [cache_start, cache_start + L) and attention runs over [0, S). Attention is causal in cache order.
         ``decode_step``: the caller promises L == 1 and that every row's new key is valid (``key_valid[:, S - 1]``),
-        as the engine's decode loop does; the mask is then the validity row, built without the general path's ops.
-        Returns [B, L, hidden].
+        as the engine's decode loop does; attention is then ``_decode_attention`` (one query per row: two batched
+        GEMMs and a softmax, cheaper on CPU than SDPA's kernel for a single query) over an additive mask built once
+        for all layers. Returns [B, L, hidden].
         """
         c, p = self.cfg, self.params
         B, L = input_ids.shape
         S = cache_start + L
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         x = F.embedding(input_ids, p["model.embed_tokens.weight"])
-        cos, sin = self._rope(positions)
+        cos, sin = self._rope(positions)  # [B, L, 1, D]
         if decode_step:
-            # One query whose own key is valid: causality allows every key up to it and no row is left without a
-            # key, so the general path's mask is the validity row (a few tensor ops fewer per generated token).
             if L != 1:
                 raise ValueError(f"decode_step=True needs one new token per row, got L={L}")
-            mask = key_valid[:, None, None, :S]
+            if cache is None:
+                raise ValueError("decode_step=True needs the KV cache of the earlier tokens")
+            # [B * Hkv, G, S]: 0 for a valid key, -inf otherwise (the row's own new key is valid: no empty row).
+            bias = torch.where(key_valid[:, :S], 0.0, float("-inf")).to(self.dtype)
+            bias = bias[:, None, None, :].expand(B, Hkv, H // Hkv, S).reshape(B * Hkv, H // Hkv, S)
         else:
             q_idx = torch.arange(cache_start, S, device=self.device)
             causal = q_idx[:, None] >= torch.arange(S, device=self.device)[None, :]  # [L, S]
@@ -254,22 +289,21 @@ class Decoder:
             pre = f"model.layers.{i}."
             h = _rms_norm(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
             qkv = F.linear(h, self.fused[pre + "qkv.weight"], self.fused.get(pre + "qkv.bias"))
-            q, k, v = qkv.split(
-                [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1
-            )
-            q = q.view(B, L, c.num_heads, c.head_dim).transpose(1, 2)
-            k = k.view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            v = v.view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            # RoPE on the query and key heads together, in [B, L, heads, D] (cos/sin broadcast over heads).
+            qk = _apply_rope(qkv[..., : (H + Hkv) * D].unflatten(-1, (H + Hkv, D)), cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:].transpose(1, 2)  # [B, L, H, D], [B, Hkv, L, D]
+            v = qkv[..., (H + Hkv) * D :].unflatten(-1, (Hkv, D)).transpose(1, 2)
             if cache is not None:
                 cache.k[i, :, :, cache_start:S] = k
                 cache.v[i, :, :, cache_start:S] = v
                 k, v = cache.k[i, :, :, :S], cache.v[i, :, :, :S]
-            a = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads
-            )
-            a = a.transpose(1, 2).reshape(B, L, c.num_heads * c.head_dim)
+            if decode_step:
+                a = _decode_attention(q, k, v, bias)
+            else:
+                a = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=H != Hkv
+                )
+                a = a.transpose(1, 2).reshape(B, L, H * D)
             x = x + F.linear(a, p[pre + "self_attn.o_proj.weight"])
             h = _rms_norm(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
             g, u = F.linear(h, self.fused[pre + "gate_up.weight"]).chunk(2, -1)

@@ -68,25 +68,31 @@ def iter_named_tensors(
 
 def _sample(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> torch.Tensor:
-    """One token per row. logits [B, V] fp32 -> [B] int64. temperature 0 = greedy.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its temperature-1 logprob. logits [B, V] fp32 -> ([B] int64, [B] fp32).
+    temperature 0 = greedy.
 
     Inverse-CDF sampling: one uniform per row located in the cumulative probabilities, so only B random numbers
     are drawn per step (``torch.multinomial`` and an exponential race both cost V per row on CPU, several times
-    this). A zero-probability token (a top-p cut) has an empty CDF interval and is never picked.
+    this). A zero-probability token (a top-p cut) has an empty CDF interval and is never picked. The logprob is
+    z_y - logsumexp(z) of the raw logits (``reference.token_logprobs``' formula), whatever the temperature.
     """
+    lse = torch.logsumexp(logits, -1, keepdim=True)  # [B, 1]
     if temperature == 0.0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    order = None
-    if top_p < 1.0:
-        probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        probs = probs.masked_fill((probs.cumsum(-1) - probs) >= top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
-    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+        idx = logits.argmax(-1, keepdim=True)
+    else:
+        probs = (logits - lse).exp_() if temperature == 1.0 else torch.softmax(logits / temperature, dim=-1)
+        order = None
+        if top_p < 1.0:
+            probs, order = torch.sort(probs, dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            probs = probs.masked_fill((probs.cumsum(-1) - probs) >= top_p, 0.0)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+        idx = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).clamp_(max=probs.shape[-1] - 1)
+        if order is not None:
+            idx = order.gather(-1, idx)
+    return idx.squeeze(-1), (logits.gather(-1, idx) - lse).squeeze(-1)
 
 
 class EmbeddedEngine:
@@ -202,35 +208,53 @@ class EmbeddedEngine:
         cache = KVCache(self.decoder.cfg, B, Lp + max_new, self.decoder.dtype, dev)
         hidden = self.decoder.forward(ids, positions, key_valid, cache, 0)[:, -1]
         eos = torch.tensor(self.eos_token_ids or [-1], device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        length = torch.full((B,), max_new, dtype=torch.long, device=dev)
+        # Buffers of the whole chunk (filled when rows leave the batch, and at the end) and of the rows still in it
+        # (written with plain column copies each step; ``live`` maps them back to the chunk's rows).
         tok_buf = torch.zeros((B, max_new), dtype=torch.long, device=dev)
         lp_buf = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
         tk_buf = torch.zeros((B, max_new, topk), dtype=torch.long, device=dev) if topk > 0 else None
-        live = torch.arange(B, device=dev)  # original row of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        length = torch.full((B,), max_new, dtype=torch.long, device=dev)
+        live = torch.arange(B, device=dev)
+        tok_l, lp_l, tk_l = tok_buf.clone(), lp_buf.clone(), None if tk_buf is None else tk_buf.clone()
+        done_l, len_l = done.clone(), length.clone()
+        # [b, 1]: the position of the token fed next (the first sampled token's is its prompt length).
+        pos = lens[:, None].clone()
+
+        def flush(rows: torch.Tensor | slice) -> None:
+            """Copy the rows ``rows`` of the live buffers to their chunk rows."""
+            at = live[rows]
+            tok_buf[at], lp_buf[at], done[at], length[at] = tok_l[rows], lp_l[rows], done_l[rows], len_l[rows]
+            if tk_buf is not None:
+                tk_buf[at] = tk_l[rows]
+
         for t in range(max_new):
             logits = self.decoder.logits(hidden, self.vocab_size)  # [b, V] fp32, real vocabulary only
-            nxt = _sample(logits, temperature, top_p, gen)
-            tok_buf[live, t] = nxt
-            lp_buf[live, t] = reference.token_logprobs(logits, nxt)
-            if tk_buf is not None:
-                tk_buf[live, t] = reference.topk_ids(logits, topk)
-            stop_now = torch.isin(nxt, eos) & ~done[live]
-            length[live[stop_now]] = t + 1
-            done[live[stop_now]] = True
-            if bool(done.all()) or t == max_new - 1:
+            nxt, lp = _sample(logits, temperature, top_p, gen)
+            tok_l[:, t], lp_l[:, t] = nxt, lp
+            if tk_l is not None:
+                tk_l[:, t] = reference.topk_ids(logits, topk)
+            stop_now = (nxt == eos[0] if len(eos) == 1 else torch.isin(nxt, eos)) & ~done_l
+            len_l.masked_fill_(stop_now, t + 1)
+            done_l |= stop_now
+            n_done = int(done_l.sum())
+            if n_done == len(live) or t == max_new - 1:
                 break
             # Drop finished rows once a quarter of the batch has finished: the copy of the cache costs about one
             # decode step, and rows that stopped early then cost nothing. Until then they keep decoding; their
             # tokens are written past their length and never read.
-            keep = ~done[live]
-            if int((~keep).sum()) >= max(1, len(live) // 4):
-                live, nxt, lens, key_valid = live[keep], nxt[keep], lens[keep], key_valid[keep]
+            if n_done >= max(1, len(live) // 4):
+                flush(done_l)
+                keep = ~done_l
+                live, nxt, pos, key_valid = live[keep], nxt[keep], pos[keep], key_valid[keep]
+                tok_l, lp_l, done_l, len_l = tok_l[keep], lp_l[keep], done_l[keep], len_l[keep]
+                tk_l = tk_l[keep] if tk_l is not None else None
                 cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
             key_valid[:, Lp + t] = True  # the new token's own key: what decode_step=True relies on
-            pos = (lens + t)[:, None]
             hidden = self.decoder.forward(nxt[:, None], pos, key_valid, cache, Lp + t, decode_step=True)
             hidden = hidden[:, -1]
+            pos += 1
+        flush(slice(None))
         # One device-to-host copy per buffer, then per-row clones: each sample owns its storage (a view would
         # keep, and pickle, the whole [B, max_new] buffer) and no per-token Python object is made.
         tok_buf, lp_buf, lengths = tok_buf.cpu(), lp_buf.cpu(), length.tolist()

@@ -225,17 +225,20 @@ def test_sampler_draws_from_the_softmax_and_respects_top_p():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 40_000
     gen = torch.Generator().manual_seed(0)
-    draws = _sample(logits.expand(n, -1), 1.0, 1.0, gen)
+    draws, lp = _sample(logits.expand(n, -1), 1.0, 1.0, gen)
+    # Each draw comes with its temperature-1 logprob.
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[draws], rtol=0, atol=1e-6)
     freq = torch.bincount(draws, minlength=6).float() / n
     # Binomial std <= sqrt(0.25 / n) = 0.0025; 0.01 is 4 sigma.
     assert (freq - torch.softmax(logits, -1)).abs().max().item() < 0.01
-    draws = _sample(logits.expand(n, -1), 0.5, 1.0, gen)
+    draws, lp = _sample(logits.expand(n, -1), 0.5, 1.0, gen)
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[draws], rtol=0, atol=1e-6)
     freq = torch.bincount(draws, minlength=6).float() / n
     assert (freq - torch.softmax(logits / 0.5, -1)).abs().max().item() < 0.01
     # top_p = 0.8: the nucleus is the smallest prefix reaching 0.8 of the mass; renormalised inside, zero outside.
     p = torch.softmax(logits, -1)
     keep = (p.cumsum(-1) - p) < 0.8
-    draws = _sample(logits.expand(n, -1), 1.0, 0.8, gen)
+    draws, _ = _sample(logits.expand(n, -1), 1.0, 0.8, gen)
     freq = torch.bincount(draws, minlength=6).float() / n
     want = torch.where(keep, p, torch.zeros_like(p))
     assert freq[~keep].sum().item() == 0.0
@@ -243,8 +246,9 @@ def test_sampler_draws_from_the_softmax_and_respects_top_p():
 
 
 def test_decode_step_mask_equals_the_general_path(qwen_dir):
-    # decode_step=True builds the mask as the key-validity row; with left padding and the new key valid it must
-    # give exactly the general causal/pad path's hidden states (same mask, same kernels: bitwise equal).
+    # decode_step=True attends with two batched GEMMs over an additive mask made of the key-validity row; with left
+    # padding and the new key valid it must give the general causal/pad path's (SDPA) hidden states, to fp32
+    # rounding (different kernels sum in a different order).
     from megatron_opd.rollout.decoder import KVCache
 
     dec = EmbeddedEngine.from_hf_dir(qwen_dir).decoder
@@ -258,6 +262,8 @@ def test_decode_step_mask_equals_the_general_path(qwen_dir):
         key_valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], 1)
         step = torch.tensor([[11], [12]])
         hidden[fast] = dec.forward(step, torch.tensor([[2], [4]]), key_valid, cache, 4, decode_step=fast)
-    assert torch.equal(hidden[True], hidden[False])
+    torch.testing.assert_close(hidden[True], hidden[False], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="decode_step=True needs one new token"):
         dec.forward(ids, positions, valid, None, 0, decode_step=True)
+    with pytest.raises(ValueError, match="decode_step=True needs the KV cache"):
+        dec.forward(step, torch.tensor([[2], [4]]), key_valid, None, 4, decode_step=True)
