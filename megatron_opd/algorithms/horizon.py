@@ -85,9 +85,10 @@ class HorizonSchedule(ABC):
                 f"'{self.name}'; resume with the same horizon.schedule or start a new run"
             )
 
-    def describe(self, step: int) -> dict[str, float]:
-        """Scalars for the logs at ``step``."""
-        w = self.window(step)
+    def describe(self, step: int, window: HorizonWindow | None = None) -> dict[str, float]:
+        """Scalars for the logs at ``step``: ``window``, the one the step used (a rollout phase's steps share its
+        first step's, ``train.steps_per_rollout``), by default ``window(step)``."""
+        w = self.window(step) if window is None else window
         return {
             "horizon/start": float(w.start),
             "horizon/end": float(w.end),
@@ -239,8 +240,8 @@ class AdaptiveHorizon(HorizonSchedule):
         self._last_growth_step = int(state["last_growth_step"])
         self._last_observed_step = int(state["last_observed_step"])
 
-    def describe(self, step: int) -> dict[str, float]:
-        out = super().describe(step)
+    def describe(self, step: int, window: HorizonWindow | None = None) -> dict[str, float]:
+        out = super().describe(step, window)
         out["horizon/adaptive_signal_ema"] = float("nan") if self._ema is None else self._ema
         out["horizon/adaptive_steps_below"] = float(self._below)
         return out

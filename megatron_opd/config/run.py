@@ -42,6 +42,13 @@ class TrainConfig:
     """Seed of data order, sampling and initialisation."""
     max_consecutive_nonfinite_steps: int = 3
     """Skip a step whose loss or gradients are NaN/inf; stop the run after this many in a row."""
+    steps_per_rollout: int = 1
+    """Optimizer steps per rollout phase (k): one rollout phase samples the prompts of k consecutive steps at once
+    (k x global_batch_size prompts, one larger generation batch, the horizon of its first step), and the k steps
+    train on their own prompts' rollouts in order; the engine's weights are synced once per phase (and before an
+    evaluation). Step s + j then trains on samples of the student of step s, j updates old (at most k - 1): a
+    cheaper rollout per step for slightly off-policy samples. 1: every step samples from its own student (the
+    paper's on-policy OPD). Phases start at multiples of k."""
 
     def __post_init__(self) -> None:
         check_range("train.global_batch_size", self.global_batch_size, 1)
@@ -50,6 +57,7 @@ class TrainConfig:
         check_range("train.epochs", self.epochs, 1)
         check_range("train.train_steps", self.train_steps, 1)
         check_range("train.max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
+        check_range("train.steps_per_rollout", self.steps_per_rollout, 1)
 
 
 @dataclass(kw_only=True)
@@ -172,6 +180,14 @@ class OPDConfig:
                 "horizon.h0",
                 self.horizon.h0,
                 f"at most rollout.max_response_length ({self.rollout.max_response_length})",
+            )
+        k = self.train.steps_per_rollout
+        if k > 1 and self.checkpoint.save_interval % k:
+            fail(
+                "checkpoint.save_interval",
+                self.checkpoint.save_interval,
+                f"a multiple of train.steps_per_rollout ({k}), so that every checkpoint falls between two rollout "
+                "phases and a resumed run samples what an uninterrupted one would",
             )
         if self.loss.topk_kl_coef > 0 and self.teacher.topk == 0:
             fail("teacher.topk", 0, "a positive K when loss.topk_kl_coef > 0")

@@ -77,6 +77,24 @@ class RolloutResult:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def prompts(self, start: int, stop: int) -> RolloutResult:
+        """The samples of the call's prompts [start, stop), their ``prompt_index`` counted from ``start``.
+
+        Samples are grouped by prompt in call order, so they are one contiguous run (the lists share the
+        per-sample tensors, nothing is copied)."""
+        rows = [i for i, p in enumerate(self.prompt_index) if start <= p < stop]
+        if rows and rows != list(range(rows[0], rows[-1] + 1)):
+            raise RolloutError("rollout samples are not grouped by prompt in call order")
+        sl = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
+        return RolloutResult(
+            prompt_index=[p - start for p in self.prompt_index[sl]],
+            prompt_ids=self.prompt_ids[sl],
+            response_ids=self.response_ids[sl],
+            logprobs=self.logprobs[sl],
+            finish_reasons=self.finish_reasons[sl],
+            topk_ids=None if self.topk_ids is None else self.topk_ids[sl],
+        )
+
     def validate(self) -> None:
         """Raise RolloutError if the per-sample fields disagree in length, shape or dtype (a corrupted batch)."""
         n = len(self.response_ids)

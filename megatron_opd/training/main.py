@@ -3,7 +3,9 @@
 Why it exists: this file is the method, readable top to bottom. At step k the horizon schedule gives the
 window H_k; the student samples rollouts cut there; the teacher scores them; Megatron takes one optimizer step
 on the token-level OPD loss inside the window; the new weights go to the rollout engine; then logging,
-evaluation and checkpoints. Everything else lives in ``training/run.py``.
+evaluation and checkpoints. With ``train.steps_per_rollout`` k > 1, one rollout phase samples the prompts of k
+steps at once (the window of its first step) and the weights go to the engine once per phase (and before an
+evaluation). Everything else lives in ``training/run.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from megatron_opd.utils.errors import expected_errors_exit
 from megatron_opd.utils.lifeline import bind_child_processes
 
 if TYPE_CHECKING:
+    from megatron_opd.data.sampler import PromptBatch
+    from megatron_opd.rollout.types import RolloutResult
     from megatron_opd.training import run as R
 
 # The processes the trainer forks (Megatron's file writers) or spawns (their queue's Manager, which imports this
@@ -38,12 +42,17 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         evals.update(R.evaluate(run, 0))
         log.log(0, evals)
 
+    # One rollout phase samples for train.steps_per_rollout steps (1: every step); its steps then pop their own.
+    pending: list[tuple[PromptBatch, RolloutResult | None]] = []
+    stale = False  # the engine's weights are behind the trainer's
     for step in range(run.start_step, run.total_steps):
-        window = run.schedule.window(step)  # H_k: TOPD, POPD (Eq. 11), segment or adaptive
-        prompts = run.sampler.next_batch()
+        if not pending:
+            window = run.schedule.window(step)  # H_k: TOPD, POPD (Eq. 11), segment or adaptive
+            batches = [run.sampler.next_batch() for _ in range(R.rollout_phase_steps(run, step))]
+            with log.phase("rollout", step):
+                pending = list(zip(batches, R.generate_rollouts(run, batches, window, step), strict=True))
+        prompts, rollouts = pending.pop(0)
 
-        with log.phase("rollout", step):
-            rollouts = R.generate_rollouts(run, prompts, window, step)
         with log.phase("teacher", step):
             scores = R.score_rollouts(run, rollouts)
         with log.phase("train", step):
@@ -51,15 +60,20 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
             result = run.train_step(micro_batches)
         R.observe_horizon(run, step, result)
         R.check_finite(run, step, result)
-        if not result.skipped:
+        stale = stale or not result.skipped
+        done = step + 1
+        evaluating = bool(
+            (cfg.eval.eval_interval and done % cfg.eval.eval_interval == 0)
+            or (done == run.total_steps and cfg.eval.at_end and (cfg.eval.eval_interval or cfg.eval.at_start))
+        )
+        # The next rollout phase, or the evaluation, samples from the engine: bring it the step's weights.
+        if stale and (not pending or evaluating):
             with log.phase("sync", step):
                 stats.update(R.sync_weights(run))  # sync/seconds, sync/gb_per_s
+            stale = False
 
-        scalars = R.step_scalars(run, step, result, stats)
-        done = step + 1
-        if cfg.eval.eval_interval and done % cfg.eval.eval_interval == 0:
-            scalars.update(R.evaluate(run, done))
-        elif done == run.total_steps and cfg.eval.at_end and (cfg.eval.eval_interval or cfg.eval.at_start):
+        scalars = R.step_scalars(run, step, result, stats, window)
+        if evaluating:
             scalars.update(R.evaluate(run, done))
         if (
             step % cfg.logging.log_interval == 0

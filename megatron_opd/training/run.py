@@ -375,20 +375,35 @@ def _wants_student_topk(cfg: OPDConfig) -> bool:
     )
 
 
+def rollout_phase_steps(run: Run, step: int) -> int:
+    """How many steps the rollout phase starting at ``step`` samples for: up to the next multiple of
+    ``train.steps_per_rollout`` (phases start at its multiples, also after a resume), not past the run's end."""
+    k = run.cfg.train.steps_per_rollout
+    return min(k - step % k, run.total_steps - step)
+
+
 def generate_rollouts(
-    run: Run, prompts: PromptBatch, window: HorizonWindow, step: int
-) -> RolloutResult | None:
-    """Rollout leaders: ``n_samples_per_prompt`` rollouts per prompt, cut at the horizon's generation length;
-    rank 0 for the whole batch, or each data-parallel replica's leader for its share (``local_engines``)."""
+    run: Run, batches: list[PromptBatch], window: HorizonWindow, step: int
+) -> list[RolloutResult | None]:
+    """Rollout leaders: ``n_samples_per_prompt`` rollouts per prompt of each of ``batches`` (the steps of one rollout
+    phase, ``train.steps_per_rollout``), cut at the horizon's generation length, in one engine call; one result
+    per batch. Rank 0 generates whole batches, or each data-parallel replica's leader its share of each batch
+    (``local_engines``). Other ranks get Nones."""
     if not run.rollout_leader:
-        return None
+        return [None] * len(batches)
     cfg = run.cfg
-    indices, seed = list(prompts.indices), derive_seed(cfg.train.seed, step)
+    seed = derive_seed(cfg.train.seed, step)
+    shares = []
+    for batch in batches:
+        indices = list(batch.indices)
+        if run.local_engines:
+            share = local_share(len(indices), run.info.dp_rank, run.info.dp_size)
+            indices = indices[share.start : share.stop]
+        shares.append(indices)
     if run.local_engines:
-        share = local_share(len(indices), run.info.dp_rank, run.info.dp_size)
-        indices, seed = indices[share.start : share.stop], replica_seed(seed, run.info.dp_rank)
+        seed = replica_seed(seed, run.info.dp_rank)
     result = run.engine.generate(
-        [run.dataset[i].prompt_ids for i in indices],
+        [run.dataset[i].prompt_ids for indices in shares for i in indices],
         n=cfg.train.n_samples_per_prompt,
         max_new_tokens=window.generate,
         temperature=cfg.rollout.temperature,
@@ -397,7 +412,13 @@ def generate_rollouts(
         topk=cfg.teacher.topk if _wants_student_topk(cfg) else 0,
     )
     result.validate()
-    return result
+    if len(shares) == 1:
+        return [result]
+    out, start = [], 0
+    for indices in shares:
+        out.append(result.prompts(start, start + len(indices)))
+        start += len(indices)
+    return out
 
 
 def score_rollouts(run: Run, rollouts: RolloutResult | None) -> TeacherScores | None:
@@ -520,10 +541,13 @@ def save(run: Run, iteration: int) -> str | None:
     return path
 
 
-def step_scalars(run: Run, step: int, result: StepResult, stats: dict[str, float]) -> dict[str, float]:
-    """The step's scalars: train metrics, rollout statistics, horizon state, throughput, and the KL and log-ratio
-    by response-position bucket (``opd_by_position/*``, buckets of [0, T_max): see ``loss/metrics.py``)."""
-    out = {**result.scalars(), **stats, **run.schedule.describe(step)}
+def step_scalars(
+    run: Run, step: int, result: StepResult, stats: dict[str, float], window: HorizonWindow | None = None
+) -> dict[str, float]:
+    """The step's scalars: train metrics, rollout statistics, horizon state (of ``window``, the one the step used;
+    default the schedule's at ``step``), throughput, and the KL and log-ratio by response-position bucket
+    (``opd_by_position/*``, buckets of [0, T_max): see ``loss/metrics.py``)."""
+    out = {**result.scalars(), **stats, **run.schedule.describe(step, window)}
     has_topk = run.cfg.loss.topk_kl_coef > 0 and math.isfinite(result.topk_kl_mean)
     out.update(
         position_bucket_scalars(

@@ -118,10 +118,62 @@ def _read_metrics(path):
         return {row["step"]: row for row in map(json.loads, f) if "train/loss" in row}
 
 
-def test_killed_run_resumes_with_identical_metrics(tiny_pair, tmp_path):
+def _phases_worker(rank, world, d):
+    from megatron_opd.training import run as R
+    from megatron_opd.training.main import train
+
+    calls = {"generate": [], "sync": 0}
+    generate, sync = R.generate_rollouts, R.sync_weights
+
+    def spy_generate(run, batches, window, step):
+        calls["generate"].append((step, [list(b.indices) for b in batches], window.generate))
+        return generate(run, batches, window, step)
+
+    def spy_sync(run):
+        calls["sync"] += 1
+        return sync(run)
+
+    R.generate_rollouts, R.sync_weights = spy_generate, spy_sync
+    try:
+        # greedy: a sample does not depend on how many rows share the engine call
+        extra = ("--train.train_steps", "5", "--eval.at_start", "false", "--rollout.temperature", "0")
+        steps = {k: train(_argv(d, "progressive", *extra, "--train.steps_per_rollout", str(k)))["steps"]
+                 for k in (1, 2)}  # fmt: skip
+    finally:
+        R.generate_rollouts, R.sync_weights = generate, sync
+    return steps, calls
+
+
+def test_steps_per_rollout_samples_several_steps_at_once(tiny_pair):
+    """train.steps_per_rollout 2: one engine call per two steps with both steps' prompts (the sampler's order),
+    cut at the horizon of the phase's first step, and the weights synced once per phase."""
+    steps, calls = run_on_ranks(_phases_worker, 1, tiny_pair)[0]
+    one, two = calls["generate"][:5], calls["generate"][5:]
+    assert [c[0] for c in one] == [0, 1, 2, 3, 4] and [c[0] for c in two] == [0, 2, 4]
+    assert [len(c[1]) for c in two] == [2, 2, 1]  # the last phase stops at the run's end
+    assert [b for c in two for b in c[1]] == [b for c in one for b in c[1]]  # the same prompts, in order
+    assert [c[2] for c in two] == [4, 14, 24]  # POPD H_k of each phase's first step
+    assert [s["horizon/end"] for s in steps[2]] == [4, 4, 14, 14, 24]
+    assert all(s["rollout/response_length_max"] <= s["horizon/end"] for s in steps[2])
+    # setup's sync, then one per step (k = 1) or per phase (k = 2)
+    assert calls["sync"] == (1 + 5) + (1 + 3)
+    # the first step of a phase trains exactly as with k = 1 (same student, same greedy samples); the later differs
+    assert steps[2][0]["train/loss"] == pytest.approx(steps[1][0]["train/loss"], rel=1e-6)
+    assert steps[2][1]["horizon/end"] != steps[1][1]["horizon/end"]
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["every_step", "two_steps_per_rollout"])
+def test_killed_run_resumes_with_identical_metrics(tiny_pair, tmp_path, k):
     base = [sys.executable, "-m", "megatron_opd.training.main", *_argv(tiny_pair, "progressive")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = ["--train.train_steps", "6", "--checkpoint.save_interval", "2"]
+    steps = [
+        "--train.train_steps",
+        "6",
+        "--checkpoint.save_interval",
+        "2",
+        "--train.steps_per_rollout",
+        str(k),
+    ]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(
         [*base, *steps, "--checkpoint.save", str(ref_dir)], check=True, env=env, capture_output=True

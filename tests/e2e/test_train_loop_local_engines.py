@@ -22,8 +22,9 @@ def tiny_pair(tmp_path_factory):
     return Path(make_tiny_pair(str(tmp_path_factory.mktemp("pair"))))
 
 
-def _argv(d, layout, engine_ranks):
+def _argv(d, layout, engine_ranks, steps_per_rollout=1):
     return [
+        "--train.steps_per_rollout", str(steps_per_rollout),
         "--model.hf_path", str(d / "student"),
         "--teacher.hf_path", str(d / "teacher"),
         "--train.data_path", str(d / "data.jsonl"),
@@ -45,28 +46,30 @@ def _argv(d, layout, engine_ranks):
     ]  # fmt: skip
 
 
-def _worker(rank, world, d, layout):
+def _worker(rank, world, d, layout, k):
     from megatron_opd.config import parse_config
     from megatron_opd.training import run as R
     from megatron_opd.training.main import train
 
-    out = {mode: train(_argv(d, layout, mode))["steps"] for mode in ("controller", "data_parallel")}
-    run = R.setup_run(parse_config(_argv(d, layout, "data_parallel")))
+    out = {mode: train(_argv(d, layout, mode, k))["steps"] for mode in ("controller", "data_parallel")}
+    run = R.setup_run(parse_config(_argv(d, layout, "data_parallel", k)))
     out["has_engine"] = run.engine is not None
     R.close(run)
     return out
 
 
 @pytest.mark.parametrize(
-    "layout, leaders",
+    "layout, leaders, k",
     [
-        (["--tensor-model-parallel-size", "2"], {0: 0, 1: 2}),
-        (["--pipeline-model-parallel-size", "2"], {0: 0, 1: 1}),
+        (["--tensor-model-parallel-size", "2"], {0: 0, 1: 2}, 1),
+        (["--pipeline-model-parallel-size", "2"], {0: 0, 1: 1}, 1),
+        # two steps per rollout phase: each replica generates its share of both steps' prompts at once
+        (["--tensor-model-parallel-size", "2"], {0: 0, 1: 2}, 2),
     ],
-    ids=["dp2_tp2", "dp2_pp2"],
+    ids=["dp2_tp2", "dp2_pp2", "dp2_tp2_two_steps_per_rollout"],
 )
-def test_replicas_generating_their_own_shares_train_as_the_controller_path(tiny_pair, layout, leaders):
-    results = run_on_ranks(_worker, 4, tiny_pair, layout)
+def test_replicas_generating_their_own_shares_train_as_the_controller_path(tiny_pair, layout, leaders, k):
+    results = run_on_ranks(_worker, 4, tiny_pair, layout, k)
     ref, local = results[0]["controller"], results[0]["data_parallel"]
     assert len(ref) == len(local) == 3
     for a, b in zip(ref, local):

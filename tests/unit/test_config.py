@@ -167,6 +167,17 @@ def test_world_size_checks():
         fixed.check_world_size(4)
 
 
+def test_steps_per_rollout_needs_checkpoints_between_rollout_phases():
+    ok = parse_config(["--train.steps_per_rollout", "4", "--checkpoint.save_interval", "8"])
+    assert ok.train.steps_per_rollout == 4
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.save_interval.*a multiple of train.steps_per_rollout \(4\)"
+    ):
+        parse_config(["--train.steps_per_rollout", "4", "--checkpoint.save_interval", "6"])
+    with pytest.raises(ConfigError, match="train.steps_per_rollout"):
+        parse_config(["--train.steps_per_rollout", "0"])
+
+
 def test_help_lists_every_field_with_its_doc():
     parser = build_parser("opd")
     actions = {a.dest: a for a in parser._actions}

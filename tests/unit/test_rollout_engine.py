@@ -38,6 +38,25 @@ def test_plan_runs_covers_positions_with_bounded_unions():
     assert plan_runs([], 8) == []
 
 
+def test_result_prompts_selects_a_contiguous_run_of_prompts():
+    # 3 prompts x 2 samples, as an engine returns them for one rollout phase of several steps
+    ids = [torch.tensor([10 * p + s]) for p in range(3) for s in range(2)]
+    lps = [torch.tensor([-0.5]) for _ in ids]
+    top = [torch.tensor([[1, 2]]) for _ in ids]
+    r = RolloutResult([0, 0, 1, 1, 2, 2], [[p] for p in (7, 7, 8, 8, 9, 9)], ids, lps, ["stop"] * 6, top)
+    part = r.prompts(1, 3)
+    assert part.prompt_index == [0, 0, 1, 1] and part.prompt_ids == [[8], [8], [9], [9]]
+    assert [int(t) for t in part.response_ids] == [10, 11, 20, 21]
+    assert (
+        part.topk_ids is not None and len(part.topk_ids) == 4 and part.response_ids[0] is ids[2]
+    )  # no copies
+    part.validate()
+    assert len(r.prompts(0, 1)) == 2 and len(r.prompts(3, 3)) == 0
+    shuffled = RolloutResult([0, 1, 0], [[7], [8], [7]], ids[:3], lps[:3], ["stop"] * 3)
+    with pytest.raises(RolloutError, match="not grouped by prompt"):
+        shuffled.prompts(0, 1)
+
+
 def test_result_validate_rejects_corrupted_batches():
     ok = RolloutResult([0], [[1]], [[2, 3]], [[-0.1, -0.2]], ["length"], [[[2], [3]]])
     ok.validate()
