@@ -5,7 +5,7 @@ its batched KV-cache loop beats `generate` on the same weights. Both sample (tem
 ``--new-tokens`` tokens per row (EOS disabled on both, so the token counts are equal); time is wall-clock of one
 call (the fastest of ``--reps`` alternating calls) after one small warm-up call each. tokens/s = rows x new tokens / seconds; the ratio is embedded / HF.
 
-    python benchmarks/bench_rollout.py --out benchmarks/results/2026-11-30-rollout-cpu.md
+    python benchmarks/bench_rollout.py --out benchmarks/results/DATE-rollout-cpu.md
 """
 
 from __future__ import annotations
