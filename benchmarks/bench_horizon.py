@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_opd.training.main import train
 
     toy = make_toy_models()
-    base = main_job_argv(toy, steps=args.steps)  # no evaluation: time per step only
+    # no evaluation: time per step only; every step on-policy, as the paper's runs whose ratios it sits beside
+    base = main_job_argv(toy, steps=args.steps, steps_per_rollout=1)
     order = list(SCHEDULES) + list(reversed(SCHEDULES))
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in SCHEDULES}
     for name in order:

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             eval_every=args.eval_every,
             eval_problems=args.eval_problems,
             max_response_length=recipe.max_response_tokens,
+            steps_per_rollout=1,  # the paper's schedules, on-policy at every step (docs/cpu_schedules.md)
         )
         for name in args.schedules:
             for seed in args.seeds:

@@ -92,11 +92,14 @@ def main_job_argv(
     eval_every: int = 0,
     eval_problems: int = 128,
     max_response_length: int | None = None,
+    steps_per_rollout: int | None = None,
 ) -> list[str]:
     """The CPU main job (``examples/configs/cpu_toy.yaml``) on ``toy``'s models (``toy.models.ToyModels``), as a
     measurement run: ``steps`` steps; with ``eval_every`` > 0 the student is evaluated at the start, every
     ``eval_every`` steps and at the end on ``eval_problems`` problems, with 0 never; no teacher evaluation, log
-    folder, checkpoint or progress bar, and a console line only at evaluations. Append overrides to it."""
+    folder, checkpoint or progress bar, and a console line only at evaluations. ``steps_per_rollout``: None keeps
+    the main job's (2); the schedule measurements pass 1, every step sampling from its own student as in the
+    paper. Append overrides to it."""
     evaluate = "true" if eval_every else "false"
     argv = [
         "--config", _MAIN_JOB_CONFIG,
@@ -109,6 +112,8 @@ def main_job_argv(
     ]  # fmt: skip
     if max_response_length is not None:
         argv += ["--rollout.max_response_length", str(max_response_length)]
+    if steps_per_rollout is not None:
+        argv += ["--train.steps_per_rollout", str(steps_per_rollout)]
     return argv
 
 
