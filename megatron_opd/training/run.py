@@ -393,15 +393,11 @@ def generate_rollouts(
         return [None] * len(batches)
     cfg = run.cfg
     seed = derive_seed(cfg.train.seed, step)
-    shares = []
-    for batch in batches:
-        indices = list(batch.indices)
-        if run.local_engines:
-            share = local_share(len(indices), run.info.dp_rank, run.info.dp_size)
-            indices = indices[share.start : share.stop]
-        shares.append(indices)
-    if run.local_engines:
+    shares = [list(batch.indices) for batch in batches]
+    if run.local_engines:  # this replica's contiguous share of every batch, and its own stream
         seed = replica_seed(seed, run.info.dp_rank)
+        spans = [local_share(len(ix), run.info.dp_rank, run.info.dp_size) for ix in shares]
+        shares = [ix[span.start : span.stop] for ix, span in zip(shares, spans, strict=True)]
     result = run.engine.generate(
         [run.dataset[i].prompt_ids for indices in shares for i in indices],
         n=cfg.train.n_samples_per_prompt,
@@ -412,8 +408,6 @@ def generate_rollouts(
         topk=cfg.teacher.topk if _wants_student_topk(cfg) else 0,
     )
     result.validate()
-    if len(shares) == 1:
-        return [result]
     out, start = [], 0
     for indices in shares:
         out.append(result.prompts(start, start + len(indices)))

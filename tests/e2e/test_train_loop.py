@@ -122,8 +122,8 @@ def _phases_worker(rank, world, d):
     from megatron_opd.training import run as R
     from megatron_opd.training.main import train
 
-    calls = {"generate": [], "sync": 0}
-    generate, sync = R.generate_rollouts, R.sync_weights
+    calls = {"generate": [], "sync": 0, "events": []}
+    generate, sync, evaluate = R.generate_rollouts, R.sync_weights, R.evaluate
 
     def spy_generate(run, batches, window, step):
         calls["generate"].append((step, [list(b.indices) for b in batches], window.generate))
@@ -131,7 +131,12 @@ def _phases_worker(rank, world, d):
 
     def spy_sync(run):
         calls["sync"] += 1
+        calls["events"].append("sync")
         return sync(run)
+
+    def spy_evaluate(run, step, *, teacher=False):  # records the order only (no evaluation set here)
+        calls["events"].append(f"eval {step}")
+        return {}
 
     R.generate_rollouts, R.sync_weights = spy_generate, spy_sync
     try:
@@ -139,16 +144,20 @@ def _phases_worker(rank, world, d):
         extra = ("--train.train_steps", "5", "--eval.at_start", "false", "--rollout.temperature", "0")
         steps = {k: train(_argv(d, "progressive", *extra, "--train.steps_per_rollout", str(k)))["steps"]
                  for k in (1, 2)}  # fmt: skip
+        calls["events"].clear()
+        R.evaluate = spy_evaluate
+        train(_argv(d, "progressive", *extra, "--train.steps_per_rollout", "2", "--eval.eval_interval", "3"))
     finally:
-        R.generate_rollouts, R.sync_weights = generate, sync
+        R.generate_rollouts, R.sync_weights, R.evaluate = generate, sync, evaluate
     return steps, calls
 
 
 def test_steps_per_rollout_samples_several_steps_at_once(tiny_pair):
     """train.steps_per_rollout 2: one engine call per two steps with both steps' prompts (the sampler's order),
-    cut at the horizon of the phase's first step, and the weights synced once per phase."""
+    cut at the horizon of the phase's first step, and the weights synced once per phase and before an
+    evaluation that falls inside a phase."""
     steps, calls = run_on_ranks(_phases_worker, 1, tiny_pair)[0]
-    one, two = calls["generate"][:5], calls["generate"][5:]
+    one, two = calls["generate"][:5], calls["generate"][5:8]
     assert [c[0] for c in one] == [0, 1, 2, 3, 4] and [c[0] for c in two] == [0, 2, 4]
     assert [len(c[1]) for c in two] == [2, 2, 1]  # the last phase stops at the run's end
     assert [b for c in two for b in c[1]] == [b for c in one for b in c[1]]  # the same prompts, in order
@@ -156,10 +165,13 @@ def test_steps_per_rollout_samples_several_steps_at_once(tiny_pair):
     assert [s["horizon/end"] for s in steps[2]] == [4, 4, 14, 14, 24]
     assert all(s["rollout/response_length_max"] <= s["horizon/end"] for s in steps[2])
     # setup's sync, then one per step (k = 1) or per phase (k = 2)
-    assert calls["sync"] == (1 + 5) + (1 + 3)
+    assert calls["sync"] == (1 + 5) + (1 + 3) + (1 + 4)
     # the first step of a phase trains exactly as with k = 1 (same student, same greedy samples); the later differs
     assert steps[2][0]["train/loss"] == pytest.approx(steps[1][0]["train/loss"], rel=1e-6)
     assert steps[2][1]["horizon/end"] != steps[1][1]["horizon/end"]
+    # evaluation after step 3, the first of the phase [3, 4]: the engine gets step 3's weights first
+    # (setup, end of phase [1, 2], before the evaluation, end of phase [3, 4], end of the run)
+    assert calls["events"] == ["sync", "sync", "sync", "eval 3", "sync", "sync", "eval 5"]
 
 
 @pytest.mark.parametrize("k", [1, 2], ids=["every_step", "two_steps_per_rollout"])
