@@ -50,6 +50,12 @@ class TrainConfig:
     cheaper rollout per step for slightly off-policy samples. 1: every step samples from its own student (the
     paper's on-policy OPD). Phases start at multiples of k."""
 
+    share_prompts: bool = False
+    """Pack the rollouts of one prompt in one row of a micro-batch, the prompt computed once in the student's
+    forward and backward and the in-step teacher's forward (``model/shared_prompts.py``): the same loss to fp32
+    rounding for (n - 1) / n less work on prompt tokens, n = the prompt's rollouts in the micro-batch. Needs the
+    SDPA core attention (the CPU/local layer spec), not Transformer-Engine's."""
+
     def __post_init__(self) -> None:
         check_range("train.global_batch_size", self.global_batch_size, 1)
         check_range("train.n_samples_per_prompt", self.n_samples_per_prompt, 1)

@@ -6,6 +6,8 @@ times the saved softmax) and needs apex's fused softmax kernels for speed. torch
 memory-efficient kernel on CUDA (O(s) memory) and a math kernel on CPU, with causal masking and grouped-query
 attention built in. ``SDPAttention`` is a drop-in ``core_attention`` module: same constructor and forward as
 ``DotProductAttention`` (no dropout, no softmax offset, no packed sequences: none of which the student uses).
+It also reads a ``SharedPromptLayout`` passed as the attention mask (``model.shared_prompts``): the rollouts of
+one prompt packed in one row, attended to as the separate sequences they are.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_opd.model.shared_prompts import SharedPromptLayout
 
 
 class SDPAttention(MegatronModule):
@@ -67,10 +71,17 @@ class SDPAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn], attention_mask (Megatron's: True = masked out,
-        broadcastable to [b, np, sq, sk]) or None -> context [sq, b, np * hn]."""
+        broadcastable to [b, np, sq, sk]), a ``SharedPromptLayout`` (b packed rows of prompts and their
+        responses: causal attention within each unpacked sequence) or None -> context [sq, b, np * hn]."""
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor an attention bias")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if isinstance(attention_mask, SharedPromptLayout):
+            q, k, v = (attention_mask.to_unpacked(t) for t in (query, key, value))  # [B, heads, S, hn]
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
+            return attention_mask.to_packed(out, query.shape[1], query.shape[0])
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         if attention_mask is None:
             causal, attn_mask = mask_type == AttnMaskType.causal and q.shape[2] > 1, None

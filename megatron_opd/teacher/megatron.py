@@ -46,6 +46,7 @@ from megatron_opd.model.builders import (
     padded_vocab_size,
 )
 from megatron_opd.model.hf_conversion.live import load_hf_weights, unwrap
+from megatron_opd.model.shared_prompts import SharedPromptLayout, model_forward
 from megatron_opd.teacher.scorer import TeacherScores, TopKStrategy, check_score_request
 
 __all__ = ["MegatronTeacher", "weight_bytes"]
@@ -62,8 +63,9 @@ class _Positions:
 
     tokens: torch.Tensor  # [b, L]
     position_ids: torch.Tensor  # [b, L]
-    rows: torch.Tensor  # [N] sequence of each scored token
-    logit_pos: torch.Tensor  # [N] position whose hidden state predicts it
+    out_rows: torch.Tensor  # [N] row of each scored token
+    out_pos: torch.Tensor  # [N] position whose hidden state predicts it
+    shared: SharedPromptLayout | None = None  # packed rows (``model.shared_prompts``); never set by ``score``
 
 
 class MegatronTeacher:
@@ -177,14 +179,14 @@ class MegatronTeacher:
         mb = next(data_iterator)
         core = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
         if not core.post_process:
-            return model(mb.tokens, mb.position_ids, None), _no_loss
+            return model_forward(model, core, mb.tokens, mb.position_ids, mb.shared), _no_loss
         with hidden_states_only(core):
-            hidden = model(mb.tokens, mb.position_ids, None)
+            hidden = model_forward(model, core, mb.tokens, mb.position_ids, mb.shared)
 
         def select(h: torch.Tensor):
             if core.config.sequence_parallel:
                 h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
-            keep.append(h.transpose(0, 1)[mb.rows, mb.logit_pos].detach().clone())
+            keep.append(h.transpose(0, 1)[mb.out_rows, mb.out_pos].detach().clone())
             return torch.zeros((), device=h.device), {}
 
         return hidden, select
@@ -193,7 +195,8 @@ class MegatronTeacher:
     def hidden_rows(self, micro: Sequence[Any]) -> list[torch.Tensor] | None:
         """The teacher's final hidden states at each micro-batch's scored positions: [N_i, H_t] per micro-batch on
         the last pipeline stage, None elsewhere. Collective over the model-parallel group (all stages and TP ranks
-        call it with the same micro-batches, items with ``tokens``, ``position_ids``, ``rows``, ``logit_pos``)."""
+        call it with the same micro-batches, items with ``tokens``, ``position_ids``, ``out_rows``, ``out_pos`` and
+        ``shared``)."""
         if self.offload:
             self.to_device()
         keep: list[torch.Tensor] = []
@@ -317,6 +320,6 @@ def _positions(
     return _Positions(
         tokens=tokens.to(device),
         position_ids=torch.arange(L, device=device).unsqueeze(0).expand(len(seqs), L).contiguous(),
-        rows=torch.as_tensor(rows, dtype=torch.long, device=device),
-        logit_pos=torch.as_tensor(pos, dtype=torch.long, device=device),
+        out_rows=torch.as_tensor(rows, dtype=torch.long, device=device),
+        out_pos=torch.as_tensor(pos, dtype=torch.long, device=device),
     )

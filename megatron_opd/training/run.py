@@ -158,6 +158,7 @@ def setup_run(cfg: OPDConfig) -> Run:
         # 151,936) are excluded from the trainer's softmax too, so all three normalise over the same tokens.
         vocab_size=vocab_size,
         teacher=in_step_teacher,
+        share_prompts=cfg.train.share_prompts,
     )
     schedule = build_horizon_schedule(cfg.horizon, cfg.rollout.max_response_length)
     log_dir = cfg.logging.log_dir or cfg.checkpoint.save

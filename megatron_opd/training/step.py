@@ -49,6 +49,13 @@ from megatron_opd.config.tree import LossConfig
 from megatron_opd.loss import reference
 from megatron_opd.loss.metrics import position_sums
 from megatron_opd.model.builders import hidden_states_only, lm_head_weight
+from megatron_opd.model.shared_prompts import (
+    SharedPromptLayout,
+    check_shared_prompts,
+    layout_to,
+    model_forward,
+    pack_shared_prompts,
+)
 from megatron_opd.teacher.megatron import MegatronTeacher
 from megatron_opd.training.batch import OPDBatch
 
@@ -99,12 +106,14 @@ class _MicroBatch:
     """A micro-batch prepared for the model and the loss (flat indices of its distilled tokens)."""
 
     batch: OPDBatch
-    tokens: torch.Tensor  # [b, L] (L padded to ``seq_padding_multiple``)
-    position_ids: torch.Tensor  # [b, L]
+    tokens: torch.Tensor  # [b, L] (L padded to ``seq_padding_multiple``), or [G, L] packed rows
+    position_ids: torch.Tensor  # [b, L] or [G, L]: each token's position in its own sequence
     mask: torch.Tensor  # [b, R] distilled tokens
     rows: torch.Tensor  # [N] sequence index of each distilled token
     cols: torch.Tensor  # [N] response position of each distilled token
-    logit_pos: torch.Tensor  # [N] position in the sequence whose logits predict it
+    out_rows: torch.Tensor  # [N] row of ``tokens`` whose output predicts it
+    out_pos: torch.Tensor  # [N] position in that row
+    shared: SharedPromptLayout | None  # the packing of ``tokens`` (``model.shared_prompts``), or None
     targets: torch.Tensor  # [N] its token id
     topk_ids: torch.Tensor | None  # [N, K]
     teacher_topk: torch.Tensor | None  # [N, K]
@@ -129,8 +138,15 @@ def seq_padding_multiple(tp_size: int, sequence_parallel: bool, fp8: bool) -> in
 
 
 def _prepare(
-    batch: OPDBatch, device: torch.device, *, whole_response: bool, seq_multiple: int
+    batch: OPDBatch,
+    device: torch.device,
+    *,
+    whole_response: bool,
+    seq_multiple: int,
+    share_prompts: bool = False,
 ) -> _MicroBatch:
+    """The micro-batch's model inputs and flat indices of its distilled tokens; with ``share_prompts`` the
+    rollouts of one prompt are packed in one row (``model.shared_prompts``) when some prompt repeats."""
     if not whole_response:
         batch = batch.trimmed_to_window()
     mask = batch.response_mask()
@@ -139,22 +155,35 @@ def _prepare(
         mask = torch.arange(R).unsqueeze(0) < batch.response_lengths.unsqueeze(1)
     logit_pos, targets = batch.response_positions()
     rows, cols = mask.nonzero(as_tuple=True)
-    tokens = batch.tokens
-    if tokens.shape[1] % seq_multiple:
-        pad = seq_multiple - tokens.shape[1] % seq_multiple
-        tokens = torch.nn.functional.pad(tokens, (0, pad))
-    B, L = tokens.shape
+    pos = logit_pos[rows, cols]
+    packed = None
+    if share_prompts:
+        lengths = batch.prompt_lengths + batch.response_lengths
+        packed = pack_shared_prompts(batch.tokens, batch.prompt_lengths, lengths, multiple=seq_multiple)
+    if packed is not None:
+        tokens, positions = packed.tokens, packed.layout.positions
+        out_rows, out_pos = packed.locate(rows, pos)
+    else:
+        tokens = batch.tokens
+        if tokens.shape[1] % seq_multiple:
+            pad = seq_multiple - tokens.shape[1] % seq_multiple
+            tokens = torch.nn.functional.pad(tokens, (0, pad))
+        B, L = tokens.shape
+        positions = torch.arange(L).unsqueeze(0).expand(B, L).contiguous()
+        out_rows, out_pos = rows, pos
     ids = tk = None
     if batch.topk_ids is not None:
         ids, tk = batch.topk_ids[rows, cols].to(device), batch.teacher_topk_logprobs[rows, cols].to(device)
     return _MicroBatch(
         batch=batch,
         tokens=tokens.to(device),
-        position_ids=torch.arange(L, device=device).unsqueeze(0).expand(B, L).contiguous(),
+        position_ids=positions.to(device),
         mask=mask.to(device),
         rows=rows.to(device),
         cols=cols.to(device),
-        logit_pos=logit_pos[rows, cols].to(device),
+        out_rows=out_rows.to(device),
+        out_pos=out_pos.to(device),
+        shared=None if packed is None else layout_to(packed.layout, device),
         targets=targets[rows, cols].to(device),
         topk_ids=ids,
         teacher_topk=tk,
@@ -180,6 +209,8 @@ class TrainStep:
             of ``loss.adapter`` ('chunked', 'triton', 'auto'), with its ``chunk_size`` and ``fp8_lm_head``.
         vocab_size: the model's real vocabulary (``ModelConfig.vocab_size``); ids at or above it are padding.
         teacher: the in-step Megatron teacher (module doc), or None when the batches carry teacher scores.
+        share_prompts: pack the rollouts of one prompt in one row, the prompt computed once
+            (``model.shared_prompts``; ``train.share_prompts``).
     """
 
     def __init__(
@@ -191,9 +222,15 @@ class TrainStep:
         *,
         vocab_size: int,
         teacher: MegatronTeacher | None = None,
+        share_prompts: bool = False,
     ) -> None:
         if mpu.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism is not supported by the OPD step yet (use CP = 1)")
+        if share_prompts:
+            check_shared_prompts(model, "the student")
+            if teacher is not None:
+                check_shared_prompts(teacher.chunks, "the teacher")
+        self.share_prompts = share_prompts
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -225,7 +262,7 @@ class TrainStep:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits [b, L, V/tp] -> (logp [N], top-K KL [N] or None) through the reference path."""
         vocab_start = self._vocab_start(logits.shape[-1])
-        rows = self._mask_padding(logits[mb.rows, mb.logit_pos], vocab_start)
+        rows = self._mask_padding(logits[mb.out_rows, mb.out_pos], vocab_start)
         logp, kl, _ = reference.opd_token_terms_from_logits(
             rows,
             mb.targets,
@@ -246,9 +283,9 @@ class TrainStep:
         weight = lm_head_weight(core)
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
-            rows = hidden.transpose(0, 1)[mb.rows, mb.logit_pos]
+            rows = hidden.transpose(0, 1)[mb.out_rows, mb.out_pos]
         else:
-            rows = copy_to_tp_region(hidden.transpose(0, 1)[mb.rows, mb.logit_pos], self.tp_group)
+            rows = copy_to_tp_region(hidden.transpose(0, 1)[mb.out_rows, mb.out_pos], self.tp_group)
         vocab_start = self._vocab_start(weight.shape[0])
         real = min(max(self.vocab_size - vocab_start, 0), weight.shape[0])
         if real == 0:
@@ -281,9 +318,9 @@ class TrainStep:
 
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
-            rows = hidden.transpose(0, 1)[mb.rows, mb.logit_pos]
+            rows = hidden.transpose(0, 1)[mb.out_rows, mb.out_pos]
         else:
-            rows = copy_to_tp_region(hidden.transpose(0, 1)[mb.rows, mb.logit_pos], self.tp_group)
+            rows = copy_to_tp_region(hidden.transpose(0, 1)[mb.out_rows, mb.out_pos], self.tp_group)
         weight = lm_head_weight(core)
         teacher_weight, vocab_start = self.teacher.lm_head()
         cfg = self.loss_cfg
@@ -400,9 +437,9 @@ class TrainStep:
         last = core.post_process
         if last and not forward_only and (self.loss_cfg.impl != "reference" or mb.teacher_hidden is not None):
             with hidden_states_only(core):
-                hidden = model(mb.tokens, mb.position_ids, None)
+                hidden = model_forward(model, core, mb.tokens, mb.position_ids, mb.shared)
             return hidden, partial(self._loss_from_hidden, mb, core)
-        out = model(mb.tokens, mb.position_ids, None)
+        out = model_forward(model, core, mb.tokens, mb.position_ids, mb.shared)
         return out, partial(self._logprobs_only if forward_only else self._loss_from_logits, mb)
 
     def _run_schedule(self, micro: list[_MicroBatch], *, forward_only: bool) -> None:
@@ -478,7 +515,14 @@ class TrainStep:
         self._global_tokens, self._global_sequences = float(counts[0]), float(counts[1])
         seq_multiple = self._seq_multiple()
         micro = [
-            _prepare(b, self.device, whole_response=False, seq_multiple=seq_multiple) for b in micro_batches
+            _prepare(
+                b,
+                self.device,
+                whole_response=False,
+                seq_multiple=seq_multiple,
+                share_prompts=self.share_prompts,
+            )
+            for b in micro_batches
         ]
         self._reset_accumulators(window.end)
 
@@ -538,7 +582,16 @@ class TrainStep:
         Returns one [b, R] float32 tensor per batch (zeros past each response's end), on every rank.
         """
         seq_multiple = self._seq_multiple()
-        micro = [_prepare(b, self.device, whole_response=True, seq_multiple=seq_multiple) for b in batches]
+        micro = [
+            _prepare(
+                b,
+                self.device,
+                whole_response=True,
+                seq_multiple=seq_multiple,
+                share_prompts=self.share_prompts,
+            )
+            for b in batches
+        ]
         self._reset_accumulators(1)
         for chunk in self.model:
             chunk.eval()

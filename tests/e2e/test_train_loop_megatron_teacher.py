@@ -6,9 +6,13 @@
   are different implementations of one network (fp32; see tests/distributed/test_teacher_megatron.py).
 - With the exact full-vocabulary KL (``--loss.full_kl_coef``) the run reports it and it is positive.
 - ``--loss.fp8_lm_head true`` reaches the two-model loss: the same first step, different later steps.
-- TP=2 x PP=2 (4 gloo ranks, the student's layout for both models) equals one process: the first step's loss to
-  rel 1e-4 (sharded reductions change the summation order), later steps to rel 2e-2 (Adam amplifies the
-  first step's rounding, as in tests/e2e/test_train_loop.py), and every rank reports the same metrics.
+- ``--train.share_prompts true`` (each prompt's 2 rollouts packed in one row, the prompt computed once by the
+  student and the teacher) gives the unpacked run's steps: the first to rel 1e-5 (fp32 rounding of other matmul
+  shapes), the later ones to rel 2e-2 (Adam amplifies that rounding, as below).
+- TP=2 x PP=2 (4 gloo ranks, the student's layout for both models) with shared prompts equals one unpacked
+  process: the first step's loss to rel 1e-4 (sharded reductions change the summation order), later steps to
+  rel 2e-2 (Adam amplifies the first step's rounding, as in tests/e2e/test_train_loop.py), and every rank
+  reports the same metrics.
 """
 
 from pathlib import Path
@@ -60,13 +64,20 @@ def _single_worker(rank, world, d):
         "megatron": train(_argv(d, "--teacher.backend", "megatron", "--loss.impl", "reference"))["steps"],
         "full_kl": train(_argv(d, *FULL_KL))["steps"],
         "fp8": train(_argv(d, *FULL_KL, "--loss.fp8_lm_head", "true"))["steps"],
+        "shared": train(_argv(d, *FULL_KL, "--train.share_prompts", "true"))["steps"],
     }
 
 
 def _layout_worker(rank, world, d):
     from megatron_opd.training.main import train
 
-    argv = _argv(d, *FULL_KL, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    argv = _argv(
+        d,
+        *FULL_KL,
+        "--tensor-model-parallel-size", "2",
+        "--pipeline-model-parallel-size", "2",
+        "--train.share_prompts", "true",
+    )  # fmt: skip
     return train(argv)["steps"]
 
 
@@ -101,7 +112,16 @@ def test_fp8_lm_head_reaches_the_two_model_loss(single):
     assert all(s["train/loss"] == s["train/loss"] for s in fp8)  # finite
 
 
-def test_tp2_pp2_with_the_megatron_teacher_matches_one_process(tiny_pair, single):
+def test_shared_prompts_give_the_unpacked_steps(single):
+    shared, ref = single["shared"], single["full_kl"]
+    assert shared[0]["train/tokens"] == ref[0]["train/tokens"]
+    for key in ("train/loss", "train/full_kl_mean", "train/log_ratio_mean"):
+        assert shared[0][key] == pytest.approx(ref[0][key], rel=1e-5, abs=1e-6), key
+    for later in range(1, 3):
+        assert shared[later]["train/loss"] == pytest.approx(ref[later]["train/loss"], rel=2e-2, abs=1e-3)
+
+
+def test_tp2_pp2_shared_prompts_with_the_megatron_teacher_match_one_process(tiny_pair, single):
     results = run_on_ranks(_layout_worker, 4, tiny_pair)
     ref = single["full_kl"]
     steps = results[0]
