@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 _KEY = "megatron_opd/handover"
 _POLL_MIN_S = 0.001  # a rank that arrives just before rank 0 posts should not add a long sleep to the step
 _POLL_MAX_S = 0.05
+_FAST_POLL_S = 0.25  # poll every _POLL_MIN_S this long first: the usual wait (replicas a few ms apart) ends there
 
 
 @dataclass(frozen=True)
@@ -272,15 +273,18 @@ def _build(rollouts, scores, window, plan, lengths, K, pad_id) -> tuple[list[tor
 def wait_for_count(store: dist.Store, key: str, target: int, *, heartbeat_s: float, what: str) -> None:
     """Block (outside any collective) until the store's counter ``key`` reaches ``target``.
 
-    Polls with a sleep growing from 1 ms to 50 ms, logging ``what`` every ``heartbeat_s`` seconds, so a long
-    rollout (or evaluation) phase elsewhere shows up in the logs as waiting, not as a hang.
+    Polls every 1 ms for the first 0.25 s (data-parallel replicas reach the hand-over a few ms apart: a doubling
+    sleep would overshoot such a wait by up to its own length, every step), then with a sleep doubling up to 50 ms,
+    logging ``what`` every ``heartbeat_s`` seconds, so a long rollout (or evaluation) phase elsewhere shows up in
+    the logs as waiting, not as a hang.
     """
     t0 = last = time.monotonic()
     sleep = _POLL_MIN_S
     while store.add(key, 0) < target:
         time.sleep(sleep)
-        sleep = min(2 * sleep, _POLL_MAX_S)
         now = time.monotonic()
+        if now - t0 >= _FAST_POLL_S:
+            sleep = min(2 * sleep, _POLL_MAX_S)
         if now - last >= heartbeat_s:
             logger.info("waiting %.0f s for %s", now - t0, what)
             last = now
