@@ -74,3 +74,41 @@ def test_bench_peers_trl_quick(tmp_path):
         ours["curve"][-1]["avg"], abs=5.01e-4
     )  # printed with 3 decimals (half-even)
     assert float(m.group(3)) == pytest.approx(peer["curve"][-1]["avg"], abs=5.01e-4)
+
+
+def test_report_gives_plateaus_beside_the_headline():
+    """The report's numbers from made-up curves: the headline (first evaluation at the peer's final) and the
+    plateau lines (last 3 evaluations' mean; a 3-evaluation moving average reaching the peer's plateau)."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_peers
+
+    def run(avgs, step_s):
+        curve = [
+            {"step": 10 * i, "train_s": step_s * 10 * i, "cpu_s": step_s * 10 * i, "avg": a}
+            for i, a in enumerate(avgs)
+        ]
+        phases = dict.fromkeys(bench_peers.PHASES, 0.0)
+        return {
+            "curve": curve,
+            "train_s": curve[-1]["train_s"],
+            "cpu_s": curve[-1]["cpu_s"],
+            "phases": phases,
+            "steps": 40,
+        }
+
+    # the peer ends on a lucky evaluation (0.90) above its plateau; ours ends just below that final
+    ours = run([0.1, 0.80, 0.85, 0.86, 0.87], 0.1)
+    peer = run([0.1, 0.80, 0.83, 0.84, 0.90], 0.25)
+    args = argparse.Namespace(steps=40, eval_every=10, max_problems=128, cores=1, ours_args="")
+    text = bench_peers.report({1: {"ours": ours, "peer": peer}}, args, [1.0])
+    lines = text.strip().splitlines()
+    assert lines[-1] == "peers: time-to-peer-final ratio inf; final avg@4 ours 0.870 vs peer 0.900 (1 seeds)"
+    # plateaus: ours (0.85 + 0.86 + 0.87) / 3, the peer's (0.83 + 0.84 + 0.90) / 3; ours' moving average first
+    # reaches 0.857 at step 30 (0.85, 0.86, 0.87; at step 20 it is 0.837), 3 s of the peer's 10 s
+    assert (
+        "- seed 1: plateau ours 0.860 vs peer 0.857; ours reaches the peer's plateau at 0.30 of the peer's training wall-clock"
+        in lines
+    )
+    assert "- mean over seeds: time-to-peer-plateau ratio 0.30" in lines
