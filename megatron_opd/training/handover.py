@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 _KEY = "megatron_opd/handover"
 _POLL_MIN_S = 0.001  # a rank that arrives just before rank 0 posts should not add a long sleep to the step
 _POLL_MAX_S = 0.05
-_FAST_POLL_S = 0.25  # poll every _POLL_MIN_S this long first: the usual wait (replicas a few ms apart) ends there
+# Poll every _POLL_MIN_S this long first: the usual wait (replicas a few ms apart) ends within it.
+_FAST_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
