@@ -28,3 +28,17 @@ def tiny_toy_models(tmp_path_factory):
     t0 = time.perf_counter()
     models = make_toy_models(recipe, cache)
     return models, cache, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def own_process_group():
+    """Leave no process group behind for the modules that follow: for modules that may start a one-process group
+    in the pytest process, through ``pytestmark = pytest.mark.usefixtures("own_process_group")``."""
+    import torch.distributed as dist
+
+    from megatron_opd.parallel.state import destroy_parallel
+
+    started_here = not dist.is_initialized()
+    yield
+    if started_here:
+        destroy_parallel()

@@ -26,23 +26,10 @@ import torch
 from megatron_opd.algorithms.horizon import HorizonWindow
 from megatron_opd.utils.spawn import run_on_ranks
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("own_process_group")]
 
 VOCAB = 100  # padded to 128 at TP=1 and 256 at TP=2: checkpoints must bridge the padding
 SEED = 7
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
 
 
 def _model_cfg(divisible_by: int = 128, tied: bool = False, bf16: bool = False):

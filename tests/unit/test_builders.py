@@ -17,6 +17,9 @@ from megatron_opd.model.builders import (
 )
 from megatron_opd.parallel.state import initialize_parallel
 
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
 QWEN2_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",
@@ -32,19 +35,6 @@ QWEN2_CONFIG = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
 
 
 @pytest.mark.parametrize(

@@ -26,23 +26,13 @@ from megatron_opd.training.checkpoint_manifest import MANIFEST_FILE, file_crc32,
 from megatron_opd.training.optimizer import setup_training
 from megatron_opd.training.step import TrainStep
 
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
 MODEL = ModelConfig(
     vocab_size=64, num_layers=1, hidden_size=32, ffn_hidden_size=64, make_vocab_size_divisible_by=64
 )
 DAMAGED = ["dist/__0_0.distcp", "dist/common.pt", ckpt.TRAINER_STATE_FILE, "dist/.metadata"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
 
 
 def _setup():

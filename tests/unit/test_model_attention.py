@@ -19,21 +19,11 @@ from megatron_opd.training.batch import OPDBatch
 from megatron_opd.training.optimizer import setup_training
 from megatron_opd.training.step import TrainStep
 
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
 MODEL = ModelConfig(vocab_size=100, num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                     num_query_groups=2)  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
 
 
 def _modules():

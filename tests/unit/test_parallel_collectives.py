@@ -12,16 +12,8 @@ from megatron_opd.config.tree import ParallelConfig
 from megatron_opd.parallel.collectives import collective_device
 from megatron_opd.parallel.state import initialize_parallel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 def test_gloo_groups_get_cpu() -> None:

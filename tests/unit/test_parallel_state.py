@@ -12,20 +12,10 @@ from megatron_opd.config.tree import ParallelConfig
 from megatron_opd.parallel import cpu_compat
 from megatron_opd.parallel.state import initialize_parallel
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-absent path")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-absent path"),
+    pytest.mark.usefixtures("own_process_group"),
+]
 
 
 def test_initialize_single_process_and_redirects() -> None:

@@ -14,18 +14,8 @@ from megatron_opd.parallel.state import initialize_parallel
 from megatron_opd.teacher.vocab import VocabularyMismatchError, check_teacher_student_vocab
 from megatron_opd.training import checkpoint as ckpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 def _model(hidden: int, layers: int = 1):

@@ -18,18 +18,8 @@ from megatron_opd.training.batch import OPDBatch
 from megatron_opd.training.optimizer import setup_training
 from megatron_opd.training.step import TrainStep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 def _batch(seed: int) -> OPDBatch:

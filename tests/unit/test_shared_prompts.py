@@ -22,22 +22,12 @@ from megatron_opd.training.batch import OPDBatch
 from megatron_opd.training.optimizer import setup_training
 from megatron_opd.training.step import TrainStep
 
+# This module may start a one-process group in the pytest process (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
 VOCAB = 100
 MODEL = ModelConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, ffn_hidden_size=64)
 WINDOW = HorizonWindow(0, 9, 12)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _own_process_group():
-    """This module may start a one-process group in the pytest process: leave none behind for other modules."""
-    import torch.distributed as dist
-
-    from megatron_opd.parallel.state import destroy_parallel
-
-    started_here = not dist.is_initialized()
-    yield
-    if started_here:
-        destroy_parallel()
 
 
 def _grouped_batch(seed: int = 0, prompts: int = 3, n: int = 4, window=WINDOW) -> OPDBatch:
