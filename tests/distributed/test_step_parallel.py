@@ -3,7 +3,8 @@
 Checked against one process running the whole batch (in the pytest process itself):
 - TP=2 loss and gradients == TP=1; PP=2 (1F1B) and PP=2 x VPP=2 (interleaved) == PP=1; DP=2 with 2
   micro-batches per rank == 1 process with the whole batch as one micro-batch; the fused (chunked) LM-head
-  loss at TP=2 == the reference path.
+  loss at TP=2 == the reference path; TP=2 with shared prompts (each prompt's rollouts packed in one row,
+  ``train.share_prompts``) on a batch of repeated prompts == 1 process unpacked.
 - A checkpoint saved at TP=2 (after a step, with Adam state) loads at PP=2 and at TP=1 and gives the same loss
   and the same next update as TP=2 continuing.
 - Tied embeddings (Llama style) at PP=2 follow DP=2 for 3 steps (the two copies of the shared weight stay equal).
@@ -65,6 +66,21 @@ def _batch(seed: int, n: int = 8, window: HorizonWindow | None = None):
     return OPDBatch.from_lists(prompts, resps, teacher, window or HorizonWindow(0, 7, 10))
 
 
+def _grouped_batch(seed: int):
+    """4 prompts x 2 rollouts each (different responses): the batch that shared prompts pack."""
+    from megatron_opd.training.batch import OPDBatch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts, resps = [], []
+    for k in torch.randint(1, 5, (4,), generator=g):
+        p = torch.randint(0, VOCAB, (int(k),), generator=g).tolist()
+        for n in torch.randint(2, 10, (2,), generator=g):
+            prompts.append(p)
+            resps.append(torch.randint(0, VOCAB, (int(n),), generator=g).tolist())
+    teacher = [(-3 * torch.rand(len(r), generator=g)).tolist() for r in resps]
+    return OPDBatch.from_lists(prompts, resps, teacher, HorizonWindow(0, 7, 10))
+
+
 def _setup(
     tp: int = 1,
     pp: int = 1,
@@ -76,6 +92,7 @@ def _setup(
     tied: bool = False,
     bf16: bool = False,
     total_steps: int = 20,
+    share_prompts: bool = False,
 ):
     from megatron_opd.config.tree import LossConfig, OptimizerConfig, ParallelConfig
     from megatron_opd.model.builders import build_model_chunks
@@ -92,7 +109,12 @@ def _setup(
     )
     objs = setup_training(chunks, opt, total_steps=total_steps)
     step = TrainStep(
-        objs.model, objs.optimizer, objs.scheduler, LossConfig(gamma=0.5, impl=impl), vocab_size=VOCAB
+        objs.model,
+        objs.optimizer,
+        objs.scheduler,
+        LossConfig(gamma=0.5, impl=impl),
+        vocab_size=VOCAB,
+        share_prompts=share_prompts,
     )
     return chunks, objs, step
 
@@ -177,6 +199,12 @@ def _worker(rank: int, world: int, root: str) -> dict:
     ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
     res = step(batch.split(2))
     out["tp2_fused"] = {**_summary(res), "grads": _full_grads(chunks)}
+    # Shared prompts at TP=2 (without sequence parallelism: Megatron's local spec, the one whose attention reads the
+    # packing, has none), 2 micro-batches.
+    chunks, objs, step = _setup(tp=2, seed=94, share_prompts=True)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    res = step(_grouped_batch(3).split(2))
+    out["tp2_shared"] = {**_summary(res), "grads": _full_grads(chunks)}
 
     # Llama-style tied embeddings: at PP=2 the LM head (last stage) and the embedding (first stage) are two
     # copies kept equal by Megatron's embedding group; 3 steps at PP=2 must match DP=2 (== one process).
@@ -238,7 +266,12 @@ def layouts(tmp_path_factory):
     chunks, objs, step = _setup(seed=1234)
     ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
     ref = step([_batch(1)])
-    return {"root": root, "results": results, "ref": ref, "ref_grads": _full_grads(chunks)}
+    out = {"root": root, "results": results, "ref": ref, "ref_grads": _full_grads(chunks)}
+    chunks, objs, step = _setup(seed=4321)
+    ckpt.load_checkpoint(os.path.join(root, "init"), objs.model, objs.optimizer, objs.scheduler)
+    out["ref_grouped"] = step([_grouped_batch(3)])  # one process, unpacked: what the packed layout must give
+    out["ref_grouped_grads"] = _full_grads(chunks)
+    return out
 
 
 def test_reference_step_is_a_real_update(layouts):
@@ -263,6 +296,18 @@ def test_layout_matches_one_process(layouts, key):
     else:
         grads = results[0][key]["grads"]
     _assert_grads_close(grads, layouts["ref_grads"], key)
+
+
+def test_shared_prompts_at_tp2_match_one_unpacked_process(layouts):
+    ref = layouts["ref_grouped"]
+    for rank in (0, 1):
+        r = layouts["results"][rank]["tp2_shared"]
+        assert not r["skipped"]
+        assert r["loss"] == pytest.approx(ref.loss, rel=1e-5), rank
+        assert r["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-4), rank
+    _assert_grads_close(
+        layouts["results"][0]["tp2_shared"]["grads"], layouts["ref_grouped_grads"], "tp2_shared"
+    )
 
 
 def test_checkpoint_moves_between_layouts(layouts):
