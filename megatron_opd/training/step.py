@@ -471,6 +471,20 @@ class TrainStep:
             bool(getattr(self.config, "fp8", None)),
         )
 
+    def _prepare_all(self, batches: list[OPDBatch], *, whole_response: bool) -> list[_MicroBatch]:
+        """``_prepare`` for each batch with this step's padding multiple and prompt sharing."""
+        multiple = self._seq_multiple()
+        return [
+            _prepare(
+                b,
+                self.device,
+                whole_response=whole_response,
+                seq_multiple=multiple,
+                share_prompts=self.share_prompts,
+            )
+            for b in batches
+        ]
+
     def _grads_finite(self) -> bool:
         """Whether every gradient on every rank is finite, with one host sync (not one per parameter)."""
         grads = []
@@ -513,17 +527,7 @@ class TrainStep:
         )
         dist.all_reduce(counts, group=mpu.get_data_parallel_group())
         self._global_tokens, self._global_sequences = float(counts[0]), float(counts[1])
-        seq_multiple = self._seq_multiple()
-        micro = [
-            _prepare(
-                b,
-                self.device,
-                whole_response=False,
-                seq_multiple=seq_multiple,
-                share_prompts=self.share_prompts,
-            )
-            for b in micro_batches
-        ]
+        micro = self._prepare_all(micro_batches, whole_response=False)
         self._reset_accumulators(window.end)
 
         for chunk in self.model:
@@ -581,17 +585,7 @@ class TrainStep:
 
         Returns one [b, R] float32 tensor per batch (zeros past each response's end), on every rank.
         """
-        seq_multiple = self._seq_multiple()
-        micro = [
-            _prepare(
-                b,
-                self.device,
-                whole_response=True,
-                seq_multiple=seq_multiple,
-                share_prompts=self.share_prompts,
-            )
-            for b in batches
-        ]
+        micro = self._prepare_all(batches, whole_response=True)
         self._reset_accumulators(1)
         for chunk in self.model:
             chunk.eval()
