@@ -206,25 +206,19 @@ def run_peer(
     }
 
 
-def time_to(curve: list[dict[str, float]], target: float, key: str = "train_s") -> float:
-    """Training seconds (``key``: wall ``train_s`` or CPU ``cpu_s``) at the first evaluation with avg >= target
-    (inf if none)."""
-    return next((p[key] for p in curve if p["avg"] >= target), float("inf"))
+def time_to(curve: list[dict[str, float]], target: float, key: str = "train_s", smooth: int = 1) -> float:
+    """Training seconds (``key``: wall ``train_s`` or CPU ``cpu_s``) at the first evaluation whose avg, or with
+    ``smooth`` > 1 the centred ``smooth``-evaluation moving average of it, is >= target (inf if none)."""
+    h = smooth // 2
+    for i, p in enumerate(curve):
+        if statistics.fmean(q["avg"] for q in curve[max(0, i - h) : i + h + 1]) >= target:
+            return p[key]
+    return float("inf")
 
 
 def plateau(curve: list[dict[str, float]], n: int = 3) -> float:
     """Mean avg@4 of the last ``n`` evaluations: the end of a run with less of one evaluation's noise."""
     return statistics.fmean(p["avg"] for p in curve[-n:])
-
-
-def time_to_smoothed(curve: list[dict[str, float]], target: float, n: int = 3) -> float:
-    """Training seconds at the first evaluation whose centred ``n``-evaluation moving average is >= target."""
-    h = n // 2
-    for i, p in enumerate(curve):
-        window = curve[max(0, i - h) : i + h + 1]
-        if statistics.fmean(q["avg"] for q in window) >= target:
-            return p["train_s"]
-    return float("inf")
 
 
 def _cores_text(cores: int) -> str:
@@ -289,7 +283,7 @@ def report(results: dict[int, dict[str, Any]], args: argparse.Namespace, loads: 
                 f"(CPU seconds {cpu_ratio:.2f}); s/step ratio ours/peer {speed:.2f} (CPU seconds {cpu_speed:.2f})"
             )
             peer_plateau = plateau(q["curve"])
-            smoothed.append(time_to_smoothed(o["curve"], peer_plateau) / q["train_s"])
+            smoothed.append(time_to(o["curve"], peer_plateau, smooth=3) / q["train_s"])
             plateaus.append(
                 f"seed {seed}: plateau ours {plateau(o['curve']):.3f} vs peer {peer_plateau:.3f}; ours reaches the "
                 f"peer's plateau at {smoothed[-1]:.2f} of the peer's training wall-clock"

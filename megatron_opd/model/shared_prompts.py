@@ -26,6 +26,7 @@ refuses that combination). Rows of one group must have identical prompts, found 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,15 @@ class SharedPromptLayout:
     positions: torch.Tensor
     batch: int
     seq_len: int
+
+    def to(self, device: torch.device) -> SharedPromptLayout:
+        """The layout with its index tensors on ``device``."""
+        return dataclasses.replace(
+            self,
+            unpack=self.unpack.to(device),
+            pack=self.pack.to(device),
+            positions=self.positions.to(device),
+        )
 
     def to_unpacked(self, x: torch.Tensor) -> torch.Tensor:
         """Megatron's [L, G, heads, d] -> [B, heads, S, d] for attention."""
@@ -144,17 +154,6 @@ def pack_shared_prompts(
     unpack = (row_t.unsqueeze(1) * L + col).reshape(-1)
     layout = SharedPromptLayout(unpack=unpack, pack=pack.reshape(-1), positions=positions, batch=B, seq_len=S)
     return PackedPrompts(tokens=packed, layout=layout, row=row_t, offset=off_t, prompt_lengths=P_t)
-
-
-def layout_to(layout: SharedPromptLayout, device: torch.device) -> SharedPromptLayout:
-    """The layout with its index tensors on ``device``."""
-    return SharedPromptLayout(
-        unpack=layout.unpack.to(device),
-        pack=layout.pack.to(device),
-        positions=layout.positions.to(device),
-        batch=layout.batch,
-        seq_len=layout.seq_len,
-    )
 
 
 class _PerTokenRotary(torch.nn.Module):

@@ -52,7 +52,6 @@ from megatron_opd.model.builders import hidden_states_only, lm_head_weight
 from megatron_opd.model.shared_prompts import (
     SharedPromptLayout,
     check_shared_prompts,
-    layout_to,
     model_forward,
     pack_shared_prompts,
 )
@@ -161,15 +160,17 @@ def _prepare(
         lengths = batch.prompt_lengths + batch.response_lengths
         packed = pack_shared_prompts(batch.tokens, batch.prompt_lengths, lengths, multiple=seq_multiple)
     if packed is not None:
-        tokens, positions = packed.tokens, packed.layout.positions
+        shared = packed.layout.to(device)
+        tokens, positions = packed.tokens, shared.positions
         out_rows, out_pos = packed.locate(rows, pos)
     else:
+        shared = None
         tokens = batch.tokens
         if tokens.shape[1] % seq_multiple:
             pad = seq_multiple - tokens.shape[1] % seq_multiple
             tokens = torch.nn.functional.pad(tokens, (0, pad))
         B, L = tokens.shape
-        positions = torch.arange(L).unsqueeze(0).expand(B, L).contiguous()
+        positions = torch.arange(L, device=device).unsqueeze(0).expand(B, L).contiguous()
         out_rows, out_pos = rows, pos
     ids = tk = None
     if batch.topk_ids is not None:
@@ -177,13 +178,13 @@ def _prepare(
     return _MicroBatch(
         batch=batch,
         tokens=tokens.to(device),
-        position_ids=positions.to(device),
+        position_ids=positions,
         mask=mask.to(device),
         rows=rows.to(device),
         cols=cols.to(device),
         out_rows=out_rows.to(device),
         out_pos=out_pos.to(device),
-        shared=None if packed is None else layout_to(packed.layout, device),
+        shared=shared,
         targets=targets[rows, cols].to(device),
         topk_ids=ids,
         teacher_topk=tk,
