@@ -141,3 +141,26 @@ def test_waiter_returns_once_rank_0_posts_and_logs_heartbeats(caplog) -> None:
     t0 = time.monotonic()
     assert wait_for_controller(store, rank=1, heartbeat_s=60) == 2
     assert time.monotonic() - t0 >= 0.2
+
+
+def test_a_short_wait_ends_within_a_millisecond_of_the_post(monkeypatch) -> None:
+    """Replicas reach the hand-over a few ms apart: the waiter polls every 1 ms for its first 0.25 s, so it sees a
+    post at 40 ms by 42 ms (a sleep doubling from 1 ms would next look at 63 ms), and only then backs off (a post at
+    2 s is seen within the 50 ms cap). A fake clock makes this exact."""
+    from megatron_opd.training import handover
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(handover.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(handover.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+
+    class Store:
+        def __init__(self, post_at: float) -> None:
+            self.post_at = post_at
+
+        def add(self, key: str, n: int) -> int:
+            return int(clock["t"] >= self.post_at)
+
+    for post_at, latest in ((0.040, 0.042), (2.0, 2.05)):
+        clock["t"] = 0.0
+        handover.wait_for_count(Store(post_at), "k", 1, heartbeat_s=60, what="test")
+        assert post_at <= clock["t"] <= latest, (post_at, clock["t"])
